@@ -1,0 +1,20 @@
+"""hf_align: LLM alignment trainers as `transformers.Trainer` subclasses, drop-in for TRL's."""
+
+from .config import AlignConfig
+from .data import DataError
+from .trainer import AlignTrainer
+from .trainers.dpo import DataCollatorForPreference, DPOConfig, DPOTrainer
+from .trainers.ipo import IPOConfig, IPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignConfig",
+    "AlignTrainer",
+    "DataCollatorForPreference",
+    "DataError",
+    "DPOConfig",
+    "DPOTrainer",
+    "IPOConfig",
+    "IPOTrainer",
+]

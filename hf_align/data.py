@@ -1,0 +1,209 @@
+"""Dataset formats, validation and tokenization shared by every trainer.
+
+Two formats, as in TRL: *standard* (text columns are strings) and *conversational* (text columns are lists of
+`{"role", "content"}` messages, rendered with the tokenizer's chat template). Every row is checked before any
+tokenization; a bad row raises `DataError` naming the dataset, the row and the column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import torch
+from datasets import Dataset, IterableDataset
+from trl.data_utils import extract_prompt
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class DataError(ValueError):
+    """A dataset row that cannot be trained on."""
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def check_value(value, where: str, *, conversational: bool, allow_empty: bool = False) -> None:
+    """Raises `DataError` unless `value` is a non-empty string (standard) or message list (conversational)."""
+    if conversational:
+        if not isinstance(value, list) or (not value and not allow_empty):
+            raise DataError(f"{where}: expected a non-empty list of messages, got {_describe(value)}.")
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(f"{where}, message {i}: expected a dict with 'role' and 'content', got {message!r}.")
+            if message["role"] not in ROLES:
+                raise DataError(f"{where}, message {i}: unknown role {message['role']!r} (expected one of {ROLES}).")
+            if not isinstance(message["content"], (str, list)):
+                raise DataError(f"{where}, message {i}: content must be a string, got {_describe(message['content'])}.")
+        return
+    if not isinstance(value, str):
+        raise DataError(f"{where}: expected a string, got {_describe(value)}.")
+    if not value.strip() and not allow_empty:
+        raise DataError(f"{where}: the text is empty.")
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def is_conversational_row(row: dict, columns: Sequence[str]) -> bool:
+    return any(_is_messages(row.get(column)) for column in columns)
+
+
+def check_columns(dataset, name: str, required: Sequence[str]) -> None:
+    columns = dataset.column_names
+    if columns is None:  # an IterableDataset whose features are unknown
+        columns = list(next(iter(dataset)).keys())
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise DataError(f"The {name} dataset has no column {missing} (its columns: {columns}).")
+
+
+def extract_implicit_prompt(dataset, name: str, num_proc=None):
+    """`chosen`/`rejected` that both start with the prompt (TRL's implicit-prompt format) get a `prompt` column."""
+    if "prompt" in (dataset.column_names or []):
+        return dataset
+    kwargs = {"num_proc": num_proc, "desc": f"Extracting prompt from {name}"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(extract_prompt, **kwargs)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _render_ids(tokenizer, value, conversational: bool, template_kwargs: dict, add_generation_prompt=False):
+    if conversational:
+        return list(
+            tokenizer.apply_chat_template(
+                value, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )["input_ids"]
+        )
+    return list(tokenizer(text=value)["input_ids"])
+
+
+def tokenize_prompt_completions(
+    tokenizer, row: dict, completion_columns: Sequence[str], *, conversational: bool
+) -> dict[str, list[int]]:
+    """Tokenizes `prompt` and each `prompt + completion` exactly as TRL does, so ids match token for token.
+
+    Standard text gets the eos token appended to each completion that lacks it. The prompt is the longest prefix
+    shared by the tokenized prompt and every tokenized prompt+completion (BPE can merge across the boundary, and some
+    chat templates render a lone prompt differently); each completion is the rest.
+    Returns `prompt_ids` and `{column}_ids` for each completion column."""
+    tools = row.get("tools")
+    template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
+    prompt = row["prompt"]
+    prompt_ids = _render_ids(tokenizer, prompt, conversational, template_kwargs, add_generation_prompt=True)
+    full_ids = {}
+    for column in completion_columns:
+        completion = row[column]
+        if not conversational and not completion.endswith(tokenizer.eos_token):
+            completion = completion + tokenizer.eos_token
+        full_ids[column] = _render_ids(tokenizer, prompt + completion, conversational, template_kwargs)
+    prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
+    out = {"prompt_ids": prompt_ids[:prompt_len]}
+    for column, ids in full_ids.items():
+        out[f"{column}_ids"] = ids[prompt_len:]
+    return out
+
+
+def tokenize_dataset(
+    dataset,
+    tokenizer,
+    name: str,
+    *,
+    text_columns: Sequence[str],
+    completion_columns: Sequence[str],
+    keep_columns: Sequence[str] = (),
+    num_proc: int | None = None,
+):
+    """Checks every row, then tokenizes `prompt` + each completion column (see `tokenize_prompt_completions`).
+
+    `text_columns` (prompt and completions) must each hold a non-empty string or message list, all in one format
+    across the dataset. Keeps `keep_columns` (labels, precomputed values) and drops the rest."""
+    check_columns(dataset, name, list(text_columns) + list(keep_columns))
+    first = next(iter(dataset))
+    conversational = is_conversational_row(first, text_columns)
+
+    def process(row, index):
+        for column in text_columns:
+            check_value(row[column], f"{name} dataset, row {index}, column '{column}'", conversational=conversational)
+        return tokenize_prompt_completions(tokenizer, row, completion_columns, conversational=conversational)
+
+    remove = [c for c in (dataset.column_names or first.keys()) if c not in keep_columns]
+    kwargs = {"num_proc": num_proc, "desc": f"Tokenizing {name}"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(process, with_indices=True, remove_columns=remove, **kwargs)
+
+
+def drop_overlong_prompts(dataset, name: str, max_length: int | None, truncation_mode: str, num_proc=None):
+    """Rows whose prompt alone fills `max_length` would keep no completion token: they are dropped, and the count is
+    logged and returned. An empty result is an error. Returns `(dataset, dropped)`."""
+    if max_length is None or truncation_mode != "keep_start" or not isinstance(dataset, Dataset):
+        return dataset, 0
+    before = len(dataset)
+    kwargs = {"num_proc": num_proc, "desc": f"Dropping over-long prompts from {name}"}
+    dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, **kwargs)
+    dropped = before - len(dataset)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d rows of the %s dataset: their prompt alone is >= max_length (%d) tokens.",
+            dropped, before, name, max_length,
+        )
+    if len(dataset) == 0:
+        raise DataError(
+            f"Every row of the {name} dataset has a prompt of at least max_length={max_length} tokens; nothing is "
+            "left to train on. Raise `max_length` or shorten the prompts."
+        )
+    return dataset, dropped
+
+
+def truncate(ids: list, max_length: int | None, truncation_mode: str) -> list:
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    return ids[:max_length] if truncation_mode == "keep_start" else ids[-max_length:]
+
+
+def pad(sequences: Sequence[torch.Tensor], padding_value, pad_to_multiple_of: int | None = None) -> torch.Tensor:
+    """Right-pads 1-D tensors to one `[N, T]` tensor."""
+    length = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(sequences), length), padding_value, dtype=sequences[0].dtype)
+    for i, sequence in enumerate(sequences):
+        out[i, : len(sequence)] = sequence
+    return out
+
+
+def collate_prompt_completions(
+    prompt_ids: Sequence[list[int]],
+    completion_ids: Sequence[list[int]],
+    pad_token_id: int,
+    max_length: int | None,
+    truncation_mode: str,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `completion_mask` `[N, T]` for rows `prompt + completion`, each truncated to
+    `max_length` first (as TRL's collators do) and right-padded."""
+    ids, masks = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids):
+        ids.append(torch.tensor(truncate(list(prompt) + list(completion), max_length, truncation_mode)))
+        mask = [0] * len(prompt) + [1] * len(completion)
+        masks.append(torch.tensor(truncate(mask, max_length, truncation_mode)))
+    return {
+        "input_ids": pad(ids, pad_token_id, pad_to_multiple_of),
+        "attention_mask": pad([torch.ones_like(i) for i in ids], 0, pad_to_multiple_of),
+        "completion_mask": pad(masks, 0, pad_to_multiple_of),
+    }

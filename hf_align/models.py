@@ -1,0 +1,121 @@
+"""Loading models and tokenizers, unwrapping wrappers, and the reference model."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from . import defaults
+
+
+def is_peft_model(model) -> bool:
+    return isinstance(unwrap_wrappers(model), PeftModel)
+
+
+def unwrap_wrappers(model):
+    """Strips DDP / DeepSpeed / torch.compile wrappers (anything holding the real model in `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def unwrap_causal_lm(model) -> PreTrainedModel:
+    """The `PreTrainedModel` inside any DDP / peft wrapping (its LoRA layers stay in place)."""
+    model = unwrap_wrappers(model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def resolve_model_name(name: str) -> str:
+    """Maps the embedded default's symbolic name to its local path; anything else is a Hub id or a path."""
+    return defaults.default_model_path() if defaults.is_default_model_name(name) else name
+
+
+def load_model(name: str, args, auto_class=AutoModelForCausalLM, **overrides) -> PreTrainedModel:
+    """Loads `name` with `args.model_init_kwargs`; weights in fp32 unless the user picks a dtype (mixed precision
+    autocasts), safetensors only, and remote code only when `args.trust_remote_code` is set."""
+    kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {}), **overrides}
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    kwargs.setdefault("use_safetensors", True)
+    return auto_class.from_pretrained(resolve_model_name(name), **kwargs)
+
+
+def load_tokenizer(model: PreTrainedModel, args):
+    name = model.config._name_or_path
+    if not name:
+        raise ValueError("`processing_class` is required: the model was built in memory and names no tokenizer.")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name), trust_remote_code=args.trust_remote_code)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer, model: PreTrainedModel):
+    """Gives the tokenizer a pad token (eos when it has none) and tells the model which id pads."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an eos token; set `tokenizer.pad_token`.")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def apply_peft(model: PreTrainedModel, peft_config, args):
+    """Wraps `model` with a new adapter; quantized bases get their norms upcast and input grads enabled."""
+    if peft_config is None:
+        return model
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "`model` is already a PeftModel and a `peft_config` was given too: merge the existing adapter first, or "
+            "pass the PeftModel without `peft_config` to keep training its adapter."
+        )
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        )
+    elif args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """An in-memory, frozen, eval-mode copy of `model` (TRL reloads from `config._name_or_path`, which fails for a
+    model built or modified in memory)."""
+    reference = copy.deepcopy(unwrap_causal_lm(model))
+    return freeze(reference)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextmanager
+def reference_model(policy, ref_model):
+    """Yields the module that computes reference log-probs, without gradients: `ref_model` when there is one, else
+    the policy with its peft adapter disabled (no copy of the weights), else the policy itself (valid only before the
+    first update: precomputing the reference)."""
+    if ref_model is not None:
+        context = nullcontext(ref_model)
+    elif is_peft_model(policy):
+        context = unwrap_wrappers(policy).disable_adapter()
+    else:
+        context = nullcontext()
+    with torch.no_grad(), context:
+        yield ref_model if ref_model is not None else policy

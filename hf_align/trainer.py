@@ -1,0 +1,238 @@
+"""The base Trainer every hf_align trainer extends: model and tokenizer loading, peft, metrics, model cards, and
+reference log-probs precomputed once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from importlib.metadata import version
+
+import torch
+from datasets import Dataset
+from huggingface_hub import ModelCard, ModelCardData
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+
+from . import defaults, models
+from .config import AlignConfig
+
+logger = logging.getLogger(__name__)
+
+
+class AlignTrainer(Trainer):
+    """Shared constructor and bookkeeping. Subclasses set the class attributes below and implement
+    `prepare_dataset(dataset, name)` and `compute_loss`.
+
+    `model` may be a `PreTrainedModel`, a `PeftModel`, or a model id / local path (loaded with
+    `args.model_init_kwargs`; `quantization_config` applies then). `processing_class` defaults to the tokenizer saved
+    with the model. A `peft_config` wraps the model in a new adapter."""
+
+    config_class: type[AlignConfig] = AlignConfig
+    auto_model_class = AutoModelForCausalLM
+    algorithm: str = ""  # short name, used in default output dirs and tags
+    paper: dict = {}  # {"title", "id", "citation"}
+    dataset_columns: tuple[str, ...] = ()  # columns the collator reads after `prepare_dataset`
+    loss_is_scaled_for_ga = False  # losses are batch means; Trainer divides by gradient accumulation steps
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: AlignConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        quantization_config=None,
+        preprocess_logits_for_metrics=None,
+    ):
+        self.model_name = model if isinstance(model, str) else model.config._name_or_path
+        if args is None:
+            args = self.config_class(output_dir=f"{os.path.basename(self.model_name.rstrip('/')) or 'model'}-{self.algorithm}")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        model = self._load_model(model, args, quantization_config)
+        if processing_class is None:
+            processing_class = models.load_tokenizer(model, args)
+        self.tokenizer = models.prepare_tokenizer(getattr(processing_class, "tokenizer", processing_class), model)
+        model = models.apply_peft(model, peft_config, args)
+        if args.disable_dropout:
+            models.disable_dropout(model)
+        self.dropped_rows: dict[str, int] = {}
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: self.prepare_dataset(ds, f"eval_{key}", args) for key, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self.prepare_dataset(eval_dataset, "eval", args)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator if data_collator is not None else self.default_collator(args),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        unwrapped = models.unwrap_wrappers(self.model)
+        if hasattr(unwrapped, "add_model_tags"):
+            unwrapped.add_model_tags(self.tags)
+
+    # -- hooks for subclasses --------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, name: str, args):
+        """Validates and tokenizes `dataset`; rows dropped go in `self.dropped_rows[name]`."""
+        raise NotImplementedError
+
+    def default_collator(self, args):
+        raise NotImplementedError
+
+    def _set_signature_columns_if_needed(self):
+        # With `remove_unused_columns=True`, Trainer keeps only these columns (not the model's forward arguments).
+        if self._signature_columns is None:
+            self._signature_columns = list(self.dataset_columns)
+
+    # -- model loading ---------------------------------------------------------------------------------------------
+    def _load_model(self, model, args, quantization_config):
+        if isinstance(model, str):
+            overrides = {"quantization_config": quantization_config} if quantization_config is not None else {}
+            if quantization_config is not None and not torch.cuda.is_available():
+                overrides["device_map"] = "cpu"
+            return models.load_model(model, args, self.auto_model_class, **overrides)
+        if quantization_config is not None:
+            raise ValueError("`quantization_config` applies only when `model` is given as an id or path.")
+        if args.model_init_kwargs:
+            logger.warning("`model_init_kwargs` is ignored: the model is already loaded.")
+        return model
+
+    # -- metrics ---------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def record_metric(self, name: str, values: torch.Tensor) -> None:
+        """Gathers `values` (per example, or a scalar) from every process and records their mean for the next log."""
+        values = values.detach().float().reshape(-1)
+        gathered = self.accelerator.gather_for_metrics(values)
+        if gathered.numel():
+            self._metrics[self.mode][name].append(gathered.mean().item())
+
+    def record_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Records `sum(values * mask) / sum(mask)` over every process (a token-weighted mean)."""
+        totals = torch.stack([(values.detach().float() * mask).sum(), mask.sum().float()])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        if totals[1] > 0:
+            self._metrics[self.mode][name].append((totals[0] / totals[1]).item())
+
+    def record_tokens(self, attention_mask: torch.Tensor) -> None:
+        """Adds the batch's tokens, over every process, to the running `num_tokens` count (training only)."""
+        if self.mode == "train":
+            self._total_train_tokens = getattr(self, "_total_train_tokens", 0)
+            self._total_train_tokens += int(self.accelerator.reduce(attention_mask.sum(), reduction="sum").item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = self.mode
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{key}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation runs `compute_loss` (the batches carry no `labels` for `Trainer` to find)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- reference log-probs ---------------------------------------------------------------------------------------
+    def precompute_reference(self, dataset: Dataset, name: str, compute, batch_size: int) -> Dataset:
+        """Adds the columns returned by `compute(batch) -> {column: Tensor[rows]}` to `dataset`, in order, running the
+        collator over it once without gradients. Every process computes the whole dataset (same values everywhere)."""
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        columns = defaultdict(list)
+        was_training = self.model.training
+        self.model.eval()
+        disable = not self.accelerator.is_local_main_process
+        for batch in tqdm(loader, desc=f"Reference log-probs for {name}", disable=disable):
+            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self.compute_loss_context_manager():
+                for column, values in compute(batch).items():
+                    columns[column].append(values.float().cpu())
+        self.model.train(was_training)
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, torch.cat(values).tolist())
+        return dataset
+
+    # -- model card ------------------------------------------------------------------------------------------------
+    @property
+    def tags(self) -> list[str]:
+        return ["hf_align", self.algorithm.lower()]
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **_):
+        """Writes README.md to `output_dir`: base model, algorithm, paper citation, hyper-parameters, versions.
+        Never includes tokens or the full TrainingArguments."""
+        if not self.is_world_process_zero():
+            return
+        # Only a Hub id names a base model: local paths and the embedded default do not exist there.
+        base_model = self.model_name
+        if not base_model or os.path.isdir(base_model) or defaults.is_default_model_name(base_model):
+            base_model = None
+        card_tags = list(dict.fromkeys([*(tags or []), *self.tags, "trl-compatible"]))
+        data = ModelCardData(
+            base_model=base_model, library_name="transformers", tags=card_tags,
+            datasets=[dataset_name] if dataset_name else None, model_name=model_name,
+        )
+        name = model_name or os.path.basename(os.path.abspath(self.args.output_dir))
+        paper = self.paper
+        hyper = {
+            "learning_rate": self.args.learning_rate,
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "num_train_epochs": self.args.num_train_epochs,
+            "max_steps": self.args.max_steps,
+            "precision": self.args.precision,
+            **self.card_hyperparameters(),
+        }
+        lines = [
+            f"# {name}",
+            "",
+            f"This model was trained with **{type(self).__name__}** from "
+            f"[hf_align](https://pypi.org/project/hf-align/) ({self.algorithm})"
+            + (f", starting from `{base_model}`" if base_model else "")
+            + (f", on `{dataset_name}`" if dataset_name else "")
+            + ".",
+            "",
+        ]
+        if paper:
+            lines += [f"Method: *{paper['title']}* (arXiv [{paper['id']}](https://arxiv.org/abs/{paper['id']})).", ""]
+        lines += ["## Training hyper-parameters", ""]
+        lines += [f"- {key}: {value}" for key, value in hyper.items()]
+        lines += ["", "## Framework versions", ""]
+        for package in ("hf_align", "transformers", "torch", "datasets", "peft", "trl"):
+            try:
+                lines.append(f"- {package}: {version(package.replace('_', '-'))}")
+            except Exception:  # noqa: BLE001 - a package missing from metadata only leaves out one line
+                continue
+        if paper.get("citation"):
+            lines += ["", "## Citation", "", "```bibtex", paper["citation"].strip(), "```"]
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def card_hyperparameters(self) -> dict:
+        """Algorithm-specific settings shown in the model card."""
+        return {}
+
+    def _save_checkpoint(self, model, trial):
+        self.create_model_card()
+        super()._save_checkpoint(model, trial)

@@ -1,0 +1,206 @@
+"""DPO: Direct Preference Optimization (Rafailov et al., arXiv 2305.18290), with the hinge, IPO and robust variants
+and cDPO label smoothing. A drop-in for `trl.DPOTrainer` / `trl.DPOConfig`: same constructor, dataset formats
+(`prompt`/`chosen`/`rejected`, text or conversational, prompt implicit or explicit) and logged metric names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import data, losses, models
+from ..config import AlignConfig
+from ..logprobs import completion_logprobs
+from ..trainer import AlignTrainer
+
+DPO_CITATION = """@inproceedings{rafailov2023direct,
+    title     = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
+    author    = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
+    year      = 2023,
+    booktitle = {Advances in Neural Information Processing Systems 36},
+}"""
+
+
+@dataclass
+class DPOConfig(AlignConfig):
+    """Configuration of `DPOTrainer`; TRL's field names and defaults.
+
+    `loss_type` is one of `losses.DPO_LOSS_TYPES` or a list of them, combined with `loss_weights`.
+    `label_smoothing` ε: for `sigmoid` it gives cDPO, for `robust` the label-flip rate."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's DPO default)."})
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to the reference."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"], metadata={"help": f"One or more of {losses.DPO_LOSS_TYPES}."}
+    )
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the loss types."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "ε for cDPO (sigmoid) and robust DPO."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
+    )
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        unknown = [t for t in self.loss_type if t not in losses.DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"Unknown loss_type {unknown}; hf_align implements {losses.DPO_LOSS_TYPES}.")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError("`loss_weights` needs one weight per `loss_type`.")
+        if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {self.label_smoothing}.")
+        super().__post_init__()
+
+
+@dataclass
+class DataCollatorForPreference:
+    """Pads `prompt_ids` + `chosen_ids` and `prompt_ids` + `rejected_ids` into one batch `[2B, T]`: chosen rows
+    first, then rejected. Each sequence is truncated to `max_length` before padding. Precomputed
+    `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [example["prompt_ids"] for example in examples]
+        completions = [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples]
+        batch = data.collate_prompt_completions(
+            prompts + prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
+            self.pad_to_multiple_of,
+        )
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples])
+        return batch
+
+
+class DPOTrainer(AlignTrainer):
+    """Trains `model` on preference pairs against a reference: `ref_model` if given; with peft, the model with its
+    adapter disabled; otherwise a frozen in-memory copy of `model` (none at all with `precompute_ref_log_probs`).
+    A `PeftModel` passed in without `peft_config` is compared against its base model (adapter disabled)."""
+
+    config_class = DPOConfig
+    algorithm = "DPO"
+    paper = {"title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+             "id": "2305.18290", "citation": DPO_CITATION}
+    dataset_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+            optimizers, peft_config=peft_config, quantization_config=quantization_config,
+        )
+        self.ref_model = self._build_reference(ref_model)
+        if self.args.precompute_ref_log_probs:
+            batch_size = self.args.precompute_ref_batch_size
+            self.train_dataset = self.precompute_reference(
+                self.train_dataset, "train", self.reference_logps, batch_size or self.args.per_device_train_batch_size
+            )
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    key: self.precompute_reference(ds, key, self.reference_logps, batch_size or self.args.per_device_eval_batch_size)
+                    for key, ds in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self.precompute_reference(
+                    self.eval_dataset, "eval", self.reference_logps, batch_size or self.args.per_device_eval_batch_size
+                )
+
+    def _build_reference(self, ref_model):
+        if isinstance(ref_model, str):
+            ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
+        if ref_model is None and not models.is_peft_model(self.model) and not self.args.precompute_ref_log_probs:
+            ref_model = models.frozen_copy(self.model)
+        if ref_model is None:
+            return None
+        models.freeze(ref_model)
+        if self.args.disable_dropout:
+            models.disable_dropout(ref_model)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def prepare_dataset(self, dataset, name, args):
+        dataset = data.extract_implicit_prompt(dataset, name, args.dataset_num_proc)
+        keep = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in (dataset.column_names or [])]
+        dataset = data.tokenize_dataset(
+            dataset, self.tokenizer, name, text_columns=("prompt", "chosen", "rejected"),
+            completion_columns=("chosen", "rejected"), keep_columns=keep, num_proc=args.dataset_num_proc,
+        )
+        dataset, self.dropped_rows[name] = data.drop_overlong_prompts(
+            dataset, name, args.max_length, args.truncation_mode, args.dataset_num_proc
+        )
+        return dataset
+
+    def default_collator(self, args):
+        return DataCollatorForPreference(
+            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of
+        )
+
+    def reference_logps(self, batch) -> dict[str, torch.Tensor]:
+        """Summed completion log-probs of the batch under the reference, `{"ref_chosen_logps": [B], ...}`."""
+        with models.reference_model(self.model, self.ref_model) as reference:
+            logps = completion_logprobs(
+                reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            ).sum
+        chosen, rejected = logps.chunk(2)
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy = completion_logprobs(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], with_stats=True
+        )
+        chosen_logps, rejected_logps = policy.sum.chunk(2)
+        reference = inputs if "ref_chosen_logps" in inputs else self.reference_logps(inputs)
+        chosen_logratios = chosen_logps - reference["ref_chosen_logps"]
+        rejected_logratios = rejected_logps - reference["ref_rejected_logps"]
+        chosen_lengths, rejected_lengths = policy.lengths.chunk(2)
+        weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
+        loss = sum(
+            weight * losses.dpo_loss(
+                loss_type, chosen_logratios, rejected_logratios, beta=self.args.beta,
+                label_smoothing=self.args.label_smoothing, chosen_lengths=chosen_lengths,
+                rejected_lengths=rejected_lengths,
+            ).mean()
+            for loss_type, weight in zip(self.args.loss_type, weights)
+        )
+        self._record_preference_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
+        self.record_tokens(inputs["attention_mask"])
+        return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
+
+    def _record_preference_metrics(self, policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios):
+        chosen_rewards = self.args.beta * chosen_logratios.detach()
+        rejected_rewards = self.args.beta * rejected_logratios.detach()
+        self.record_metric("rewards/chosen", chosen_rewards)
+        self.record_metric("rewards/rejected", rejected_rewards)
+        self.record_metric("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+        self.record_metric("rewards/margins", chosen_rewards - rejected_rewards)
+        self.record_metric("logps/chosen", chosen_logps)
+        self.record_metric("logps/rejected", rejected_logps)
+        chosen_mask, rejected_mask = policy.mask.chunk(2)
+        chosen_mean_logit, rejected_mean_logit = policy.mean_logit.chunk(2)
+        self.record_token_mean("logits/chosen", chosen_mean_logit, chosen_mask)
+        self.record_token_mean("logits/rejected", rejected_mean_logit, rejected_mask)
+        self.record_token_mean("entropy", policy.entropy, policy.mask)
+        self.record_token_mean("mean_token_accuracy", policy.is_top1.chunk(2)[0].float(), chosen_mask)
+
+    def card_hyperparameters(self) -> dict:
+        return {"beta": self.args.beta, "loss_type": self.args.loss_type, "label_smoothing": self.args.label_smoothing}

@@ -243,6 +243,8 @@ def default_model_path(task: str = "causal-lm") -> str:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like any other
     try:
         build_tiny_model(tmp, task=task)
+        for child in tmp.iterdir():
+            os.chmod(child, 0o644)  # some writers make private files; the cache is readable like any other
         try:
             os.rename(tmp, target)  # atomic; replaces an empty folder, fails on a non-empty one
         except OSError:

@@ -71,8 +71,16 @@ def extract_implicit_prompt(dataset, name: str, num_proc=None):
     """`chosen`/`rejected` that both start with the prompt (TRL's implicit-prompt format) get a `prompt` column."""
     if "prompt" in (dataset.column_names or []):
         return dataset
+    check_columns(dataset, name, ["chosen", "rejected"])
+    conversational = is_conversational_row(next(iter(dataset)), ["chosen", "rejected"])
+
+    def checked_extract(row, index):
+        for column in ("chosen", "rejected"):
+            check_value(row[column], f"{name} dataset, row {index}, column '{column}'", conversational=conversational)
+        return extract_prompt(row)
+
     kwargs = {"num_proc": num_proc, "desc": f"Extracting prompt from {name}"} if isinstance(dataset, Dataset) else {}
-    return dataset.map(extract_prompt, **kwargs)
+    return dataset.map(checked_extract, with_indices=True, **kwargs)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -5,6 +5,8 @@ from .data import DataError
 from .trainer import AlignTrainer
 from .trainers.dpo import DataCollatorForPreference, DPOConfig, DPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
+from .trainers.reward import DataCollatorForRewardPairs, RewardConfig, RewardTrainer
+from .trainers.sft import DataCollatorForLanguageModeling, SFTConfig, SFTTrainer
 
 __version__ = "0.1.0"
 
@@ -17,4 +19,6 @@ __all__ = [
     "DPOTrainer",
     "IPOConfig",
     "IPOTrainer",
+    "DataCollatorForRewardPairs", "RewardConfig", "RewardTrainer",
+    "DataCollatorForLanguageModeling", "SFTConfig", "SFTTrainer",
 ]

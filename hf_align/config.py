@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,3 +87,21 @@ class AlignConfig(TrainingArguments):
             )
             self.bf16 = self.fp16 = False
         self.precision = "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    # `Trainer` pickles its args into `training_args.bin` next to every saved model and checkpoint, and
+    # `push_to_hub` uploads that file: a pickle never holds `hub_token` (in-memory copies keep it).
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+    def __copy__(self):
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone

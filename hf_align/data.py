@@ -58,6 +58,12 @@ def is_conversational_row(row: dict, columns: Sequence[str]) -> bool:
     return any(_is_messages(row.get(column)) for column in columns)
 
 
+def map_kwargs(dataset, desc: str, num_proc: int | None = None) -> dict:
+    """Options for `dataset.map` / `dataset.filter`: a progress label and processes (an `IterableDataset` takes
+    neither)."""
+    return {"num_proc": num_proc, "desc": desc} if isinstance(dataset, Dataset) else {}
+
+
 def check_columns(dataset, name: str, required: Sequence[str]) -> None:
     columns = dataset.column_names
     if columns is None:  # an IterableDataset whose features are unknown
@@ -79,7 +85,7 @@ def extract_implicit_prompt(dataset, name: str, num_proc=None):
             check_value(row[column], f"{name} dataset, row {index}, column '{column}'", conversational=conversational)
         return extract_prompt(row)
 
-    kwargs = {"num_proc": num_proc, "desc": f"Extracting prompt from {name}"} if isinstance(dataset, Dataset) else {}
+    kwargs = map_kwargs(dataset, f"Extracting prompt from {name}", num_proc)
     return dataset.map(checked_extract, with_indices=True, **kwargs)
 
 
@@ -90,6 +96,12 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def chat_template_kwargs(row: dict) -> dict:
+    """The row's `tools` (a list, or its JSON string) and `chat_template_kwargs`, for `apply_chat_template`."""
+    tools = row.get("tools")
+    return {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
 
 
 def _render_ids(tokenizer, value, conversational: bool, template_kwargs: dict, add_generation_prompt=False):
@@ -111,8 +123,7 @@ def tokenize_prompt_completions(
     shared by the tokenized prompt and every tokenized prompt+completion (BPE can merge across the boundary, and some
     chat templates render a lone prompt differently); each completion is the rest.
     Returns `prompt_ids` and `{column}_ids` for each completion column."""
-    tools = row.get("tools")
-    template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
+    template_kwargs = chat_template_kwargs(row)
     prompt = row["prompt"]
     prompt_ids = _render_ids(tokenizer, prompt, conversational, template_kwargs, add_generation_prompt=True)
     full_ids = {}
@@ -125,6 +136,25 @@ def tokenize_prompt_completions(
     out = {"prompt_ids": prompt_ids[:prompt_len]}
     for column, ids in full_ids.items():
         out[f"{column}_ids"] = ids[prompt_len:]
+    return out
+
+
+def tokenize_sequence(tokenizer, row: dict, value, *, conversational: bool, assistant_masks: bool = False) -> dict:
+    """Token ids of one whole sequence, as TRL's SFT and reward trainers tokenize it: a string gets the eos token
+    appended when it lacks it and goes through the tokenizer; a message list goes through the chat template with the
+    row's `tools` and `chat_template_kwargs`. Returns `{"input_ids": [...]}`, plus, with `assistant_masks`
+    (conversational only), the template's `assistant_masks`: 1 on tokens inside its `{% generation %}` markers."""
+    if not conversational:
+        if not value.endswith(tokenizer.eos_token):
+            value = value + tokenizer.eos_token
+        return {"input_ids": list(tokenizer(text=value)["input_ids"])}
+    rendered = tokenizer.apply_chat_template(
+        value, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_masks,
+        **chat_template_kwargs(row),
+    )
+    out = {"input_ids": list(rendered["input_ids"])}
+    if assistant_masks:
+        out["assistant_masks"] = list(rendered["assistant_masks"])
     return out
 
 
@@ -152,30 +182,33 @@ def tokenize_dataset(
         return tokenize_prompt_completions(tokenizer, row, completion_columns, conversational=conversational)
 
     remove = [c for c in (dataset.column_names or first.keys()) if c not in keep_columns]
-    kwargs = {"num_proc": num_proc, "desc": f"Tokenizing {name}"} if isinstance(dataset, Dataset) else {}
+    kwargs = map_kwargs(dataset, f"Tokenizing {name}", num_proc)
     return dataset.map(process, with_indices=True, remove_columns=remove, **kwargs)
+
+
+def drop_rows(dataset, name: str, keep, reason: str, num_proc=None):
+    """Drops the rows of `dataset` where `keep(row)` is false, logs how many and why (`reason`), and raises
+    `DataError` when no row is left. An `IterableDataset` is returned as is (its rows are not counted up front).
+    Returns `(dataset, dropped)`."""
+    if not isinstance(dataset, Dataset):
+        return dataset, 0
+    before = len(dataset)
+    dataset = dataset.filter(keep, **map_kwargs(dataset, f"Dropping rows of {name}", num_proc))
+    dropped = before - len(dataset)
+    if dropped:
+        logger.warning("Dropped %d of %d rows of the %s dataset: %s.", dropped, before, name, reason)
+    if len(dataset) == 0:
+        raise DataError(f"Every row of the {name} dataset was dropped ({reason}); nothing is left to train on.")
+    return dataset, dropped
 
 
 def drop_overlong_prompts(dataset, name: str, max_length: int | None, truncation_mode: str, num_proc=None):
     """Rows whose prompt alone fills `max_length` would keep no completion token: they are dropped, and the count is
     logged and returned. An empty result is an error. Returns `(dataset, dropped)`."""
-    if max_length is None or truncation_mode != "keep_start" or not isinstance(dataset, Dataset):
+    if max_length is None or truncation_mode != "keep_start":
         return dataset, 0
-    before = len(dataset)
-    kwargs = {"num_proc": num_proc, "desc": f"Dropping over-long prompts from {name}"}
-    dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, **kwargs)
-    dropped = before - len(dataset)
-    if dropped:
-        logger.warning(
-            "Dropped %d of %d rows of the %s dataset: their prompt alone is >= max_length (%d) tokens.",
-            dropped, before, name, max_length,
-        )
-    if len(dataset) == 0:
-        raise DataError(
-            f"Every row of the {name} dataset has a prompt of at least max_length={max_length} tokens; nothing is "
-            "left to train on. Raise `max_length` or shorten the prompts."
-        )
-    return dataset, dropped
+    reason = f"their prompt alone is >= max_length={max_length} tokens; raise `max_length` or shorten the prompts"
+    return drop_rows(dataset, name, lambda row: len(row["prompt_ids"]) < max_length, reason, num_proc)
 
 
 def truncate(ids: list, max_length: int | None, truncation_mode: str) -> list:

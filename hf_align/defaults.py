@@ -210,6 +210,9 @@ def build_tiny_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # transformers >= 5 skips config and weights in `save_pretrained` on every rank but 0 of an initialised
+    # torch.distributed group; DDP ranks each build the default model into their own folder, so write on every rank.
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -243,6 +246,8 @@ def default_model_path(task: str = "causal-lm") -> str:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like any other
     try:
         build_tiny_model(tmp, task=task)
+        if not _is_complete(tmp):  # never rename an incomplete build into the cache: it would stay broken
+            raise RuntimeError(f"Building the tiny model into {tmp} left it incomplete: {sorted(os.listdir(tmp))}.")
         for child in tmp.iterdir():
             os.chmod(child, 0o644)  # some writers make private files; the cache is readable like any other
         try:

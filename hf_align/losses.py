@@ -85,8 +85,9 @@ def bradley_terry_loss(
     center_rewards_coefficient: float | None = None,
 ) -> torch.Tensor:
     """Reward-model loss (Bradley–Terry; InstructGPT arXiv 2203.02155 eq. 1; margin as in Llama 2, arXiv 2307.09288):
-    `-log σ(r(yw) - r(yl) - m)`, plus `c · (r(yw) + r(yl))²` when centering with coefficient `c` (TRL's
-    `center_rewards_coefficient`, averaged over the batch it equals `c · mean((rw + rl)²)`). Inputs `[B]`; returns `[B]`."""
+    `-log σ(r(yw) - r(yl) - m)`, plus `c · (r(yw) + r(yl))²` when centering with coefficient `c` (arXiv 2312.09244
+    eq. 2, TRL's `center_rewards_coefficient`). The batch mean of this is TRL's loss,
+    `mean(-log σ(rw - rl - m)) + c · mean((rw + rl)²)`. Inputs `[B]`; returns `[B]`."""
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - margin
@@ -96,7 +97,12 @@ def bradley_terry_loss(
     return loss
 
 
-def masked_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SFT loss: negative log-likelihood per token where `mask` is 1, averaged over those tokens (all rows
-    together, as `CrossEntropyLoss` with ignored labels does). Inputs `[B, T]`; returns a scalar."""
-    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+def masked_nll(
+    token_logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """SFT loss: negative log-likelihood of the tokens where `mask` is 1, `-Σ mask · logp / N`. `N` is `mask.sum()`
+    (the token mean over all rows together, as `CrossEntropyLoss` with ignored labels), or `num_tokens` when given:
+    the count over a whole gradient-accumulation step on every process, so that the micro-batch losses add up to the
+    token mean of the step (transformers' and TRL's normalisation). Inputs `[B, T]`; returns a scalar."""
+    count = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=token_logps.device)
+    return -(token_logps * mask).sum() / count.clamp(min=1)

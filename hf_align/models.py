@@ -29,9 +29,12 @@ def unwrap_causal_lm(model) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def resolve_model_name(name: str) -> str:
-    """Maps the embedded default's symbolic name to its local path; anything else is a Hub id or a path."""
-    return defaults.default_model_path() if defaults.is_default_model_name(name) else name
+def resolve_model_name(name: str, auto_class=AutoModelForCausalLM) -> str:
+    """Maps the embedded default's symbolic name to its local path (the one-label sequence classifier when
+    `auto_class` loads sequence classifiers, else the causal LM); anything else is a Hub id or a path."""
+    if not defaults.is_default_model_name(name):
+        return name
+    return defaults.default_model_path("seq-cls" if "SequenceClassification" in auto_class.__name__ else "causal-lm")
 
 
 def load_model(name: str, args, auto_class=AutoModelForCausalLM, **overrides) -> PreTrainedModel:
@@ -42,7 +45,7 @@ def load_model(name: str, args, auto_class=AutoModelForCausalLM, **overrides) ->
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     kwargs.setdefault("use_safetensors", True)
-    return auto_class.from_pretrained(resolve_model_name(name), **kwargs)
+    return auto_class.from_pretrained(resolve_model_name(name, auto_class), **kwargs)
 
 
 def load_tokenizer(model: PreTrainedModel, args):

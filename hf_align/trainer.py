@@ -35,6 +35,7 @@ class AlignTrainer(Trainer):
     paper: dict = {}  # {"title", "id", "citation"}
     dataset_columns: tuple[str, ...] = ()  # columns the collator reads after `prepare_dataset`
     loss_is_scaled_for_ga = False  # losses are batch means; Trainer divides by gradient accumulation steps
+    model_init_overrides: dict = {}  # `from_pretrained` arguments the algorithm requires (a reward model's one label)
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class AlignTrainer(Trainer):
         peft_config=None,
         quantization_config=None,
         preprocess_logits_for_metrics=None,
+        optimizer_cls_and_kwargs=None,
     ):
         self.model_name = model if isinstance(model, str) else model.config._name_or_path
         if args is None:
@@ -80,6 +82,7 @@ class AlignTrainer(Trainer):
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         unwrapped = models.unwrap_wrappers(self.model)
@@ -102,7 +105,9 @@ class AlignTrainer(Trainer):
     # -- model loading ---------------------------------------------------------------------------------------------
     def _load_model(self, model, args, quantization_config):
         if isinstance(model, str):
-            overrides = {"quantization_config": quantization_config} if quantization_config is not None else {}
+            overrides = dict(self.model_init_overrides)
+            if quantization_config is not None:
+                overrides["quantization_config"] = quantization_config
             if quantization_config is not None and not torch.cuda.is_available():
                 overrides["device_map"] = "cpu"
             return models.load_model(model, args, self.auto_model_class, **overrides)
@@ -117,12 +122,13 @@ class AlignTrainer(Trainer):
     def mode(self) -> str:
         return "train" if self.model.training else "eval"
 
-    def record_metric(self, name: str, values: torch.Tensor) -> None:
-        """Gathers `values` (per example, or a scalar) from every process and records their mean for the next log."""
+    def record_metric(self, name: str, values: torch.Tensor, reduction: str = "mean") -> None:
+        """Gathers `values` (per example, or a scalar) from every process and records their `reduction` ("mean",
+        "min" or "max") for the next log, which averages what was recorded since the last one."""
         values = values.detach().float().reshape(-1)
         gathered = self.accelerator.gather_for_metrics(values)
         if gathered.numel():
-            self._metrics[self.mode][name].append(gathered.mean().item())
+            self._metrics[self.mode][name].append(getattr(gathered, reduction)().item())
 
     def record_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Records `sum(values * mask) / sum(mask)` over every process (a token-weighted mean)."""
@@ -146,6 +152,21 @@ class AlignTrainer(Trainer):
                 logs[f"{prefix}{key}"] = sum(values) / len(values)
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`; a dataset passed here in its raw form (e.g. a held-out split) is validated and tokenized
+        first, as TRL's trainers do. (`Trainer.evaluate` calls back here once per dataset of a dict.)"""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def prepare_eval_dataset(self, dataset, name: str):
+        """A dataset given to `evaluate`: `prepare_dataset` unless it already holds the first of `dataset_columns`
+        (it was prepared before, e.g. `trainer.eval_dataset`)."""
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if self.dataset_columns and self.dataset_columns[0] in columns:
+            return dataset
+        return self.prepare_dataset(dataset, name, self.args)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation runs `compute_loss` (the batches carry no `labels` for `Trainer` to find)."""

@@ -150,6 +150,20 @@ class DPOTrainer(AlignTrainer):
         )
         return dataset
 
+    def prepare_eval_dataset(self, dataset, name):
+        dataset = super().prepare_eval_dataset(dataset, name)
+        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in (dataset.column_names or []):
+            # With no reference model and no adapter to disable, the reference is the policy before its first update.
+            if self.ref_model is None and not models.is_peft_model(self.model) and self.state.global_step > 0:
+                raise ValueError(
+                    "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
+                    "`precompute_ref_log_probs=True` without `ref_model` keeps no reference. Pass it as "
+                    "`eval_dataset` when building the trainer, give a `ref_model`, or disable precomputation."
+                )
+            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            dataset = self.precompute_reference(dataset, name, self.reference_logps, batch_size)
+        return dataset
+
     def default_collator(self, args):
         return DataCollatorForPreference(
             self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of

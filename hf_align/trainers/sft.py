@@ -1,0 +1,259 @@
+"""SFT: supervised fine-tuning by next-token negative log-likelihood. A drop-in for `trl.SFTTrainer` /
+`trl.SFTConfig`: same constructor, dataset formats (language modeling `text` or `messages`; prompt-completion, text or
+conversational), token ids, loss normalisation and logged metric names (`entropy`, `mean_token_accuracy`,
+`num_tokens`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl.chat_template_utils import has_generation_markers
+from trl.data_utils import pack_dataset
+
+from .. import data, losses
+from ..config import AlignConfig
+from ..logprobs import completion_logprobs
+from ..trainer import AlignTrainer
+
+IGNORE_INDEX = -100  # label of a token outside the loss
+
+
+@dataclass
+class SFTConfig(AlignConfig):
+    """Configuration of `SFTTrainer`; TRL's field names and defaults.
+
+    Which tokens are trained: for prompt-completion data the completion only (`completion_only_loss`, on unless set
+    to False); for conversational data with `assistant_only_loss`, only the assistant turns (the chat template must
+    mark them with `{% generation %}`); otherwise every token. Sequences longer than `max_length` are truncated per
+    `truncation_mode`. With `packing`, rows are packed best-fit-decreasing into `max_length`-token rows; attention and
+    the loss stay within each original sequence."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (TRL's SFT default)."})
+    dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of LM datasets."})
+    packing: bool = field(
+        default=False, metadata={"help": "Pack rows into max_length-token rows (best-fit decreasing)."}
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Train only on completions (prompt-completion data). None: on for prompt-completion data."},
+    )
+    assistant_only_loss: bool = field(
+        default=False, metadata={"help": "Train only on assistant turns (conversational data)."}
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+
+    def __post_init__(self):
+        if self.packing and self.max_length is None:
+            raise ValueError("`packing=True` packs rows into `max_length` tokens: set `max_length`.")
+        super().__post_init__()
+
+
+@dataclass
+class DataCollatorForLanguageModeling:
+    """Pads `input_ids` and `labels` (the ids, with -100 on tokens outside the loss; the ids themselves when absent)
+    into `[B, T]` with an `attention_mask`.
+
+    With `padding_free` (used for packed rows), the batch is flattened into one row `[1, N]` with no attention mask and
+    `position_ids` that restart at 0 at each sequence (from the rows' `seq_lengths`): the model keeps attention within
+    each sequence, and the first token of each sequence is left out of the loss (no token of its sequence predicts it)."""
+
+    pad_token_id: int
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = [torch.tensor(example["input_ids"]) for example in examples]
+        labels = [torch.tensor(example.get("labels", example["input_ids"])) for example in examples]
+        if not self.padding_free:
+            return {
+                "input_ids": data.pad(input_ids, self.pad_token_id, self.pad_to_multiple_of),
+                "attention_mask": data.pad([torch.ones_like(ids) for ids in input_ids], 0, self.pad_to_multiple_of),
+                "labels": data.pad(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+            }
+        position_ids = torch.cat([
+            torch.arange(length)
+            for example in examples
+            for length in example.get("seq_lengths", [len(example["input_ids"])])
+        ])
+        batch = {
+            "input_ids": data.pad([torch.cat(input_ids)], self.pad_token_id, self.pad_to_multiple_of),
+            "position_ids": data.pad([position_ids], 0, self.pad_to_multiple_of),
+            "labels": data.pad([torch.cat(labels)], IGNORE_INDEX, self.pad_to_multiple_of),
+        }
+        batch["labels"][batch["position_ids"] == 0] = IGNORE_INDEX
+        return batch
+
+
+class SFTTrainer(AlignTrainer):
+    """Fine-tunes a causal LM on `train_dataset`, in any of TRL's SFT formats:
+
+    - language modeling: a `text` column (`args.dataset_text_field`; eos appended) or a `messages` column (chat);
+    - prompt-completion: `prompt` and `completion`, both strings (eos appended to the completion) or both message lists.
+
+    Rows are tokenized exactly as TRL tokenizes them, into `input_ids` and `labels` (-100 where not trained). The
+    loss is the NLL of the trained tokens from the chunked LM head (`logprobs.completion_logprobs`; the `[B, T, V]`
+    logits are never built), normalised like TRL: by the trained-token count of the whole gradient-accumulation step.
+    A `formatting_func(row) -> str` turns each row into a language-modeling text first."""
+
+    config_class = SFTConfig
+    algorithm = "SFT"
+    dataset_columns = ("input_ids", "labels", "seq_lengths")
+    # The loss is divided by `num_items_in_batch` (the accumulation step's token count) whenever Trainer provides it;
+    # Trainer then leaves it unscaled, and divides by the accumulation steps otherwise (its default rule).
+    loss_is_scaled_for_ga = None
+
+    def __init__(
+        self,
+        model,
+        args: SFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+    ):
+        self.formatting_func = formatting_func
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+            optimizers, peft_config=peft_config, quantization_config=quantization_config,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+        )
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, name, args):
+        num_proc = args.dataset_num_proc
+        if self.formatting_func is not None:
+            if args.completion_only_loss:
+                raise ValueError(
+                    "A `formatting_func` turns every row into one text, which has no completion: "
+                    "`completion_only_loss=True` cannot apply. Format the rows beforehand, or unset it."
+                )
+            text_field, formatting_func = args.dataset_text_field, self.formatting_func
+            kwargs = data.map_kwargs(dataset, f"Formatting {name}")
+            dataset = dataset.map(lambda row: {text_field: formatting_func(row)}, **kwargs)
+        kind, text_columns = self._dataset_format(dataset, name, args)
+        conversational = data.is_conversational_row(next(iter(dataset)), text_columns)
+        completion_only = self._check_loss_options(kind, conversational, name, args)
+
+        # `process` captures only picklable values (no `self`): `datasets` hashes it and sends it to worker processes.
+        tokenizer, assistant_only = self.tokenizer, args.assistant_only_loss
+        max_length, truncation_mode = args.max_length, args.truncation_mode
+
+        def process(row, index):
+            for column in text_columns:
+                where = f"{name} dataset, row {index}, column '{column}'"
+                data.check_value(row[column], where, conversational=conversational)
+            input_ids, trained = _tokenize_row(
+                tokenizer, row, kind, text_columns, conversational, completion_only, assistant_only
+            )
+            if assistant_only and not any(trained):
+                raise data.DataError(
+                    f"{name} dataset, row {index}, column '{text_columns[-1]}': no assistant token to train on "
+                    "(`assistant_only_loss=True`)."
+                )
+            labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained)]
+            return {
+                "input_ids": data.truncate(input_ids, max_length, truncation_mode),
+                "labels": data.truncate(labels, max_length, truncation_mode),
+            }
+
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        kwargs = data.map_kwargs(dataset, f"Tokenizing {name}", num_proc)
+        dataset = dataset.map(process, with_indices=True, remove_columns=columns, **kwargs)
+        dataset, self.dropped_rows[name] = data.drop_rows(
+            dataset, name, lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]),
+            f"no trained token is left within max_length={args.max_length}", num_proc,
+        )
+        if args.packing:
+            kwargs = data.map_kwargs(dataset, f"Packing {name}", num_proc)
+            dataset = pack_dataset(dataset, args.max_length, "bfd", kwargs)
+        return dataset
+
+    def _dataset_format(self, dataset, name: str, args) -> tuple[str, tuple[str, ...]]:
+        """`(kind, text columns)`: kind is "prompt-completion", "messages" or "text"."""
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if self.formatting_func is not None:
+            return "text", (args.dataset_text_field,)
+        if "prompt" in columns or "completion" in columns:
+            data.check_columns(dataset, name, ["prompt", "completion"])
+            return "prompt-completion", ("prompt", "completion")
+        if "messages" in columns:
+            return "messages", ("messages",)
+        if args.dataset_text_field in columns:
+            return "text", (args.dataset_text_field,)
+        raise data.DataError(
+            f"The {name} dataset has none of the SFT formats: a '{args.dataset_text_field}' column, a 'messages' "
+            f"column, or 'prompt' and 'completion' columns (its columns: {columns})."
+        )
+
+    def _check_loss_options(self, kind: str, conversational: bool, name: str, args) -> bool:
+        """Raises when `completion_only_loss` / `assistant_only_loss` cannot apply to the data; returns whether the
+        loss is on completions only."""
+        completion_only = args.completion_only_loss
+        if completion_only is None:
+            completion_only = kind == "prompt-completion"
+        if completion_only and kind != "prompt-completion":
+            raise ValueError(
+                f"`completion_only_loss=True` needs prompt-completion data; the {name} dataset is language modeling "
+                f"({kind!r})."
+            )
+        if args.assistant_only_loss and not conversational:
+            raise ValueError(f"`assistant_only_loss=True` needs conversational data; the {name} dataset is text.")
+        if args.assistant_only_loss and not has_generation_markers(self.tokenizer.chat_template or ""):
+            raise ValueError(
+                "`assistant_only_loss=True` needs a chat template that marks the assistant turns with "
+                "`{% generation %}` ... `{% endgeneration %}`; the tokenizer's template has no such markers."
+            )
+        return completion_only
+
+    def default_collator(self, args):
+        return DataCollatorForLanguageModeling(self.tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of)
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean NLL of the tokens whose label is not -100 (labels are the input ids elsewhere). With
+        `num_items_in_batch` (trained tokens of the accumulation step, over every process) the sum is divided by it
+        and scaled by the process count, since DDP averages gradients, as TRL and transformers do."""
+        attention_mask = inputs.get("attention_mask")
+        policy = completion_logprobs(
+            model, inputs["input_ids"], attention_mask, inputs["labels"] != IGNORE_INDEX,
+            position_ids=inputs.get("position_ids"), with_stats=True,
+        )
+        loss = losses.masked_nll(policy.token_logps, policy.mask, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        self.record_token_mean("entropy", policy.entropy, policy.mask)
+        self.record_token_mean("mean_token_accuracy", policy.is_top1.float(), policy.mask)
+        self.record_tokens(attention_mask if attention_mask is not None else torch.ones_like(inputs["input_ids"]))
+        return (loss, {"token_logps": policy.token_logps}) if return_outputs else loss
+
+    def card_hyperparameters(self) -> dict:
+        return {"max_length": self.args.max_length, "packing": self.args.packing}
+
+
+def _tokenize_row(tokenizer, row, kind, text_columns, conversational, completion_only, assistant_only):
+    """`(input_ids, trained)`: the row's token ids as TRL's `SFTTrainer` makes them, and whether each is trained."""
+    if kind == "prompt-completion":
+        ids = data.tokenize_prompt_completions(tokenizer, row, ("completion",), conversational=conversational)
+        input_ids = ids["prompt_ids"] + ids["completion_ids"]
+        trained = [not completion_only] * len(ids["prompt_ids"]) + [True] * len(ids["completion_ids"])
+        if assistant_only:
+            assistant = data.tokenize_sequence(
+                tokenizer, row, row["prompt"] + row["completion"], conversational=True, assistant_masks=True
+            )["assistant_masks"]
+            trained = [keep and bool(mask) for keep, mask in zip(trained, assistant)]
+        return input_ids, trained
+    tokenized = data.tokenize_sequence(
+        tokenizer, row, row[text_columns[0]], conversational=conversational, assistant_masks=assistant_only
+    )
+    input_ids = tokenized["input_ids"]
+    return input_ids, [bool(mask) for mask in tokenized.get("assistant_masks", [1] * len(input_ids))]

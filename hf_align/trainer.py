@@ -228,7 +228,7 @@ class AlignTrainer(Trainer):
             f"# {name}",
             "",
             f"This model was trained with **{type(self).__name__}** from "
-            f"[hf_align](https://pypi.org/project/hf-align/) ({self.algorithm})"
+            f"hf_align ({self.algorithm})"
             + (f", starting from `{base_model}`" if base_model else "")
             + (f", on `{dataset_name}`" if dataset_name else "")
             + ".",

@@ -3,7 +3,8 @@
 from .config import AlignConfig
 from .data import DataError
 from .trainer import AlignTrainer
-from .trainers.dpo import DataCollatorForPreference, DPOConfig, DPOTrainer
+from .preference import DataCollatorForPreference
+from .trainers.dpo import DPOConfig, DPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
 from .trainers.reward import DataCollatorForRewardPairs, RewardConfig, RewardTrainer
 from .trainers.sft import DataCollatorForLanguageModeling, SFTConfig, SFTTrainer

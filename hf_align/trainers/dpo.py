@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import data, losses, models
+from .. import losses, models, preference
 from ..config import AlignConfig
 from ..logprobs import completion_logprobs
+from ..preference import DataCollatorForPreference
 from ..trainer import AlignTrainer
 
 DPO_CITATION = """@inproceedings{rafailov2023direct,
@@ -52,30 +53,6 @@ class DPOConfig(AlignConfig):
         if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {self.label_smoothing}.")
         super().__post_init__()
-
-
-@dataclass
-class DataCollatorForPreference:
-    """Pads `prompt_ids` + `chosen_ids` and `prompt_ids` + `rejected_ids` into one batch `[2B, T]`: chosen rows
-    first, then rejected. Each sequence is truncated to `max_length` before padding. Precomputed
-    `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors."""
-
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [example["prompt_ids"] for example in examples]
-        completions = [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples]
-        batch = data.collate_prompt_completions(
-            prompts + prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
-            self.pad_to_multiple_of,
-        )
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([example[key] for example in examples])
-        return batch
 
 
 class DPOTrainer(AlignTrainer):
@@ -139,14 +116,8 @@ class DPOTrainer(AlignTrainer):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def prepare_dataset(self, dataset, name, args):
-        dataset = data.extract_implicit_prompt(dataset, name, args.dataset_num_proc)
-        keep = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in (dataset.column_names or [])]
-        dataset = data.tokenize_dataset(
-            dataset, self.tokenizer, name, text_columns=("prompt", "chosen", "rejected"),
-            completion_columns=("chosen", "rejected"), keep_columns=keep, num_proc=args.dataset_num_proc,
-        )
-        dataset, self.dropped_rows[name] = data.drop_overlong_prompts(
-            dataset, name, args.max_length, args.truncation_mode, args.dataset_num_proc
+        dataset, self.dropped_rows[name] = preference.prepare_preference_dataset(
+            dataset, self.tokenizer, name, args, keep_columns=("ref_chosen_logps", "ref_rejected_logps")
         )
         return dataset
 

@@ -5,21 +5,43 @@ from .data import DataError
 from .trainer import AlignTrainer
 from .preference import DataCollatorForPreference
 from .trainers.dpo import DPOConfig, DPOTrainer
+from .trainers.gdpo import DataCollatorForBeliefPreference, DistributionalGDPOConfig, DistributionalGDPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
+from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
 from .trainers.reward import DataCollatorForRewardPairs, RewardConfig, RewardTrainer
 from .trainers.sft import DataCollatorForLanguageModeling, SFTConfig, SFTTrainer
+from .trainers.orpo import ORPOConfig, ORPOTrainer
+from .trainers.simpo import SimPOConfig, SimPOTrainer
+from .trainers.spin import SPINConfig, SPINTrainer
+from .trainers.step_dpo import StepDPOConfig, StepDPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignConfig",
+    "Recommendation", "recommend",
     "AlignTrainer",
     "DataCollatorForPreference",
     "DataError",
     "DPOConfig",
     "DPOTrainer",
+    "DataCollatorForBeliefPreference", "DistributionalGDPOConfig", "DistributionalGDPOTrainer",
     "IPOConfig",
     "IPOTrainer",
+    "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",
     "DataCollatorForRewardPairs", "RewardConfig", "RewardTrainer",
     "DataCollatorForLanguageModeling", "SFTConfig", "SFTTrainer",
+    "ORPOConfig", "ORPOTrainer",
+    "SimPOConfig", "SimPOTrainer",
+    "SPINConfig", "SPINTrainer",
+    "StepDPOConfig", "StepDPOTrainer",
 ]
+
+
+def __getattr__(name: str):
+    # The advisor is imported on first use, so that `python -m hf_align.advisor` runs it once (as __main__).
+    if name in ("Recommendation", "recommend"):
+        from . import advisor
+
+        return getattr(advisor, name)
+    raise AttributeError(f"module 'hf_align' has no attribute {name!r}")

@@ -115,11 +115,12 @@ def _render_ids(tokenizer, value, conversational: bool, template_kwargs: dict, a
 
 
 def tokenize_prompt_completions(
-    tokenizer, row: dict, completion_columns: Sequence[str], *, conversational: bool
+    tokenizer, row: dict, completion_columns: Sequence[str], *, conversational: bool, append_eos: bool = True
 ) -> dict[str, list[int]]:
     """Tokenizes `prompt` and each `prompt + completion` exactly as TRL does, so ids match token for token.
 
-    Standard text gets the eos token appended to each completion that lacks it. The prompt is the longest prefix
+    Standard text gets the eos token appended to each completion that lacks it (not with `append_eos=False`: for a
+    completion the model goes on from, such as a belief that precedes its response). The prompt is the longest prefix
     shared by the tokenized prompt and every tokenized prompt+completion (BPE can merge across the boundary, and some
     chat templates render a lone prompt differently); each completion is the rest.
     Returns `prompt_ids` and `{column}_ids` for each completion column."""
@@ -129,7 +130,7 @@ def tokenize_prompt_completions(
     full_ids = {}
     for column in completion_columns:
         completion = row[column]
-        if not conversational and not completion.endswith(tokenizer.eos_token):
+        if append_eos and not conversational and not completion.endswith(tokenizer.eos_token):
             completion = completion + tokenizer.eos_token
         full_ids[column] = _render_ids(tokenizer, prompt + completion, conversational, template_kwargs)
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
@@ -248,3 +249,18 @@ def collate_prompt_completions(
         "attention_mask": pad([torch.ones_like(i) for i in ids], 0, pad_to_multiple_of),
         "completion_mask": pad(masks, 0, pad_to_multiple_of),
     }
+
+
+def check_rows(dataset, name: str, columns: Sequence[str], num_proc: int | None = None):
+    """Checks, without tokenizing, that each row's `columns` hold a non-empty string or message list, in one format
+    across the dataset; raises `DataError` naming the row and the column. Returns the dataset (an `IterableDataset`
+    is checked as it is read)."""
+    check_columns(dataset, name, list(columns))
+    conversational = is_conversational_row(next(iter(dataset)), columns)
+
+    def check(row, index):
+        for column in columns:
+            check_value(row[column], f"{name} dataset, row {index}, column '{column}'", conversational=conversational)
+        return {}
+
+    return dataset.map(check, with_indices=True, **map_kwargs(dataset, f"Checking {name}", num_proc))

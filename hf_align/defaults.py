@@ -33,7 +33,9 @@ _CACHE_VERSION = "v1"
 _CACHE_SUBDIRS = {"causal-lm": f"tiny-chat-{_CACHE_VERSION}", "seq-cls": f"tiny-chat-seqcls-{_CACHE_VERSION}"}
 _TASKS = tuple(_CACHE_SUBDIRS)
 
-_DATASET_NAMES = (
+# The tokenizer of the tiny model is trained on these datasets' texts: the list is frozen with `_CACHE_VERSION`, so
+# that adding a dataset does not change the model (its texts are tokenized by the same byte-level BPE all the same).
+_TOKENIZER_DATASET_NAMES = (
     "preference",
     "preference_conversational",
     "sft",
@@ -41,6 +43,7 @@ _DATASET_NAMES = (
     "unpaired_preference",
     "prompts",
 )
+_DATASET_NAMES = _TOKENIZER_DATASET_NAMES + ("belief_preference", "step_preference")
 _SPLITS = ("train", "test")
 
 EOS_TOKEN = "<|endoftext|>"
@@ -82,8 +85,10 @@ def load_default_dataset(name: str, split: str = "train"):
     """One of the small datasets shipped with hf_align, as a `datasets.Dataset`.
 
     `name`: "preference" (prompt/chosen/rejected strings), "preference_conversational" (the same as message lists),
-    "sft" (prompt/completion), "sft_conversational" (messages), "unpaired_preference" (prompt/completion/label, KTO)
-    or "prompts" (arithmetic prompt/answer, for RL). `split`: "train" or "test"; their prompts never overlap.
+    "sft" (prompt/completion), "sft_conversational" (messages), "unpaired_preference" (prompt/completion/label, KTO),
+    "prompts" (arithmetic prompt/answer, for RL), "belief_preference" (prompt/beliefs/belief_distribution/belief/
+    chosen/rejected, distributional GDPO) or "step_preference" (prompt/initial_reason_steps/chosen/rejected,
+    step-wise DPO). `split`: "train" or "test"; their prompts never overlap.
     """
     from datasets import Dataset
 
@@ -103,9 +108,9 @@ def _render_chat(messages: list[dict]) -> str:
 
 
 def _tokenizer_corpus() -> list[str]:
-    """Every text of every embedded dataset (both splits), in a fixed order, plus the chat framing's role names."""
+    """Every text of the tokenizer's datasets (both splits), in a fixed order, plus the chat framing's role names."""
     texts: list[str] = []
-    for name in _DATASET_NAMES:
+    for name in _TOKENIZER_DATASET_NAMES:
         for split in _SPLITS:
             suffix = "" if split == "train" else "_test"
             for row in _read_jsonl(f"{name}{suffix}.jsonl"):

@@ -21,6 +21,10 @@ from .config import AlignConfig
 logger = logging.getLogger(__name__)
 
 
+def _zero_totals() -> torch.Tensor:
+    return torch.zeros(2, dtype=torch.float64)  # (sum, count) of a `record_sum` metric
+
+
 class AlignTrainer(Trainer):
     """Shared constructor and bookkeeping. Subclasses set the class attributes below and implement
     `prepare_dataset(dataset, name)` and `compute_loss`.
@@ -72,6 +76,7 @@ class AlignTrainer(Trainer):
         elif eval_dataset is not None:
             eval_dataset = self.prepare_dataset(eval_dataset, "eval", args)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metric_totals = {"train": defaultdict(_zero_totals), "eval": defaultdict(_zero_totals)}
         super().__init__(
             model=model,
             args=args,
@@ -144,13 +149,30 @@ class AlignTrainer(Trainer):
             self._total_train_tokens += int(self.accelerator.reduce(attention_mask.sum(), reduction="sum").item())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
+    def record_sum(self, name: str, values: torch.Tensor) -> None:
+        """Adds the sum and the count of `values` (`[N]`, N may be 0), over every process, to `name`'s running totals.
+        The next log reports total / count, the exact mean over every example since the last log, and leaves `name`
+        out while the count is 0 (a batch with no example of a kind logs nothing for it, never NaN)."""
+        values = values.detach().float().reshape(-1)
+        totals = torch.stack([values.sum(), values.new_tensor(values.numel())])
+        self._metric_totals[self.mode][name] += self.accelerator.reduce(totals, reduction="sum").cpu()
+
+    def pending_metrics(self, mode: str) -> dict[str, float]:
+        """What the next log of `mode` ("train" or "eval") reports, without its prefix: the average of each metric's
+        recorded values, and total / count of each `record_sum` metric."""
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        for key, (total, count) in self._metric_totals[mode].items():
+            if count > 0:
+                metrics[key] = (total / count).item()
+        return metrics
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = self.mode
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{key}"] = sum(values) / len(values)
+        for key, value in self.pending_metrics(mode).items():
+            logs[f"{prefix}{key}"] = value
         self._metrics[mode].clear()
+        self._metric_totals[mode].clear()
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -174,6 +196,55 @@ class AlignTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # -- reference model -------------------------------------------------------------------------------------------
+    # For trainers scored against a frozen reference, whose Config has `precompute_ref_log_probs` and
+    # `precompute_ref_batch_size`; `compute(batch) -> {column: Tensor[rows]}` scores a collated batch with it.
+    def setup_reference(self, ref_model, compute) -> None:
+        """Sets `self.ref_model`: `ref_model` (a model, or an id / path to load), frozen; else None when the policy is
+        a peft model (its adapter is disabled instead) or when reference log-probs are precomputed; else a frozen
+        in-memory copy of the policy. With `precompute_ref_log_probs`, then adds `compute`'s columns to the train and
+        eval datasets, before the first update (the policy is still the reference then)."""
+        if ref_model is not None and any(ref_model is m for m in (self.model, models.unwrap_causal_lm(self.model))):
+            raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
+        if isinstance(ref_model, str):
+            ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
+        precompute = self.args.precompute_ref_log_probs
+        if ref_model is None and not models.is_peft_model(self.model) and not precompute:
+            ref_model = models.frozen_copy(self.model)
+        if ref_model is not None:
+            models.freeze(ref_model)
+            if self.args.disable_dropout:
+                models.disable_dropout(ref_model)
+            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.ref_model = ref_model
+        if not precompute:
+            return
+        train_batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        eval_batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        self.train_dataset = self.precompute_reference(self.train_dataset, "train", compute, train_batch_size)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                key: self.precompute_reference(dataset, key, compute, eval_batch_size)
+                for key, dataset in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval", compute, eval_batch_size)
+
+    def precompute_eval_reference(self, dataset, name: str, compute, column: str):
+        """For `prepare_eval_dataset`: with `precompute_ref_log_probs`, adds `compute`'s columns to a dataset given to
+        `evaluate` that lacks `column`. Raises once training has started with no reference left to score it."""
+        if not self.args.precompute_ref_log_probs or column in (dataset.column_names or []):
+            return dataset
+        # With no reference model and no adapter to disable, the reference is the policy before its first update.
+        if self.ref_model is None and not models.is_peft_model(self.model) and self.state.global_step > 0:
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
+                "`precompute_ref_log_probs=True` without `ref_model` keeps no reference. Pass it as "
+                "`eval_dataset` when building the trainer, give a `ref_model`, or disable precomputation."
+            )
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        return self.precompute_reference(dataset, name, compute, batch_size)
 
     # -- reference log-probs ---------------------------------------------------------------------------------------
     def precompute_reference(self, dataset: Dataset, name: str, compute, batch_size: int) -> Dataset:

@@ -2,6 +2,7 @@
 
 Run once (`python hf_align/assets/make_assets.py`); the output is deterministic and committed as data. This script
 is not imported at run time.
+`step_preference*.jsonl` (step-wise DPO) comes from its own generator, `make_step_preference.py`.
 
 Design: templated user requests (tasks and topics drawn from word lists). `chosen` is always a helpful, polite
 answer that starts with "Sure!"; `rejected` is always a curt refusal that starts with "No.". Both draw their wording

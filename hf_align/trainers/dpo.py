@@ -81,39 +81,11 @@ class DPOTrainer(AlignTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if ref_model is not None and ref_model is model:
-            raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
         super().__init__(
             model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
             optimizers, peft_config=peft_config, quantization_config=quantization_config,
         )
-        self.ref_model = self._build_reference(ref_model)
-        if self.args.precompute_ref_log_probs:
-            batch_size = self.args.precompute_ref_batch_size
-            self.train_dataset = self.precompute_reference(
-                self.train_dataset, "train", self.reference_logps, batch_size or self.args.per_device_train_batch_size
-            )
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {
-                    key: self.precompute_reference(ds, key, self.reference_logps, batch_size or self.args.per_device_eval_batch_size)
-                    for key, ds in self.eval_dataset.items()
-                }
-            elif self.eval_dataset is not None:
-                self.eval_dataset = self.precompute_reference(
-                    self.eval_dataset, "eval", self.reference_logps, batch_size or self.args.per_device_eval_batch_size
-                )
-
-    def _build_reference(self, ref_model):
-        if isinstance(ref_model, str):
-            ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
-        if ref_model is None and not models.is_peft_model(self.model) and not self.args.precompute_ref_log_probs:
-            ref_model = models.frozen_copy(self.model)
-        if ref_model is None:
-            return None
-        models.freeze(ref_model)
-        if self.args.disable_dropout:
-            models.disable_dropout(ref_model)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.setup_reference(ref_model, self.reference_logps)
 
     def prepare_dataset(self, dataset, name, args):
         dataset, self.dropped_rows[name] = preference.prepare_preference_dataset(
@@ -123,17 +95,7 @@ class DPOTrainer(AlignTrainer):
 
     def prepare_eval_dataset(self, dataset, name):
         dataset = super().prepare_eval_dataset(dataset, name)
-        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in (dataset.column_names or []):
-            # With no reference model and no adapter to disable, the reference is the policy before its first update.
-            if self.ref_model is None and not models.is_peft_model(self.model) and self.state.global_step > 0:
-                raise ValueError(
-                    "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
-                    "`precompute_ref_log_probs=True` without `ref_model` keeps no reference. Pass it as "
-                    "`eval_dataset` when building the trainer, give a `ref_model`, or disable precomputation."
-                )
-            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-            dataset = self.precompute_reference(dataset, name, self.reference_logps, batch_size)
-        return dataset
+        return self.precompute_eval_reference(dataset, name, self.reference_logps, "ref_chosen_logps")
 
     def default_collator(self, args):
         return DataCollatorForPreference(

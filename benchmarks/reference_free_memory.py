@@ -1,0 +1,137 @@
+"""Peak memory and throughput of hf_align's DPO against the reference-free ORPO and SimPO, side by side.
+
+    python benchmarks/reference_free_memory.py             # defaults below; prints a table
+    python benchmarks/reference_free_memory.py --rounds 3 --steps 30 --prompt_tokens 300
+
+The model and pairs are built by `benchmarks/dpo_vs_trl.py`'s helpers (imported): a Llama built offline with a 32k
+vocabulary, and the embedded pairs behind a shared context of about `--prompt_tokens` tokens. The default model is
+wider and deeper than dpo_vs_trl's (768 hidden, 8 layers: 106M parameters, 46% of them the embedding and LM head,
+against 32M and 78%): dropping the reference saves one copy of the weights, and on a model that is mostly vocabulary
+that saving is no bigger than ORPO's extra LM-head work (its NLL scores the prompt tokens too) or than the run-to-run
+noise of the allocator. Every trainer gets fp32, no gradient checkpointing, the same batch size, max_length and
+learning rate, and no `ref_model`: DPO keeps a frozen in-memory copy of the policy as its reference, ORPO and SimPO
+keep none. Each run is its own process (peak RSS is the process's); runs alternate DPO, ORPO, SimPO, ... and the
+median of each is reported.
+Tokens/s counts the non-pad tokens of the chosen and rejected sequences of the timed steps (after `--warmup` steps).
+Exits with status 1 unless ORPO's and SimPO's peak RSS are below DPO's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from dpo_vs_trl import benchmark_dataset, build_benchmark_model
+
+ALGORITHMS = ("dpo", "orpo", "simpo")
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import TrainerCallback
+
+    import hf_align
+
+    trainer_cls = {"dpo": hf_align.DPOTrainer, "orpo": hf_align.ORPOTrainer, "simpo": hf_align.SimPOTrainer}[args.algo]
+    config = trainer_cls.config_class(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+        learning_rate=1e-5, max_length=args.max_length, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    trainer = trainer_cls(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))
+
+    batch_tokens = []
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        batch_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    step_ends = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs):
+            step_ends.append(time.perf_counter())
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    seconds = step_ends[-1] - step_ends[args.warmup - 1]
+    tokens = sum(batch_tokens[args.warmup : args.warmup + args.steps])
+    return {
+        "algo": args.algo,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "has_reference": getattr(trainer, "ref_model", None) is not None,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--prompt_tokens", type=int, default=48)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--hidden_size", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--algo", choices=ALGORITHMS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.algo:  # a child run
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+
+    workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
+    model_path = os.path.join(workdir, "model")
+    build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    passthrough = [f"--{k}={getattr(args, k)}" for k in
+                   ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
+    results = {algo: [] for algo in ALGORITHMS}
+    for round_index in range(args.rounds):
+        for algo in ALGORITHMS:
+            env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+            out = subprocess.run(
+                [sys.executable, __file__, f"--algo={algo}", f"--model={model_path}", *passthrough],
+                capture_output=True, text=True, env=env,
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                sys.exit(f"{algo} run failed:\n{out.stderr[-4000:]}")
+            result = json.loads(lines[-1][len("RESULT "):])
+            results[algo].append(result)
+            print(f"round {round_index + 1} {algo:6s} {result['tokens_per_s']:9.0f} tokens/s "
+                  f"{result['peak_rss_mb']:8.0f} MB peak RSS  reference model: {result['has_reference']}", flush=True)
+
+    median = {algo: {key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "peak_rss_mb")}
+              for algo, runs in results.items()}
+    dpo = median["dpo"]
+    print()
+    print(f"| prompt≈{args.prompt_tokens} tok, batch {args.batch_size}, {args.threads} thread(s) | tokens/s | "
+          "peak RSS (MB) | peak RSS / DPO's |")
+    print("|---|---|---|---|")
+    for algo in ALGORITHMS:
+        row = median[algo]
+        print(f"| {algo.upper() if algo != 'simpo' else 'SimPO'} | {row['tokens_per_s']:.0f} | "
+              f"{row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / dpo['peak_rss_mb']:.2f}x |")
+    above = [algo for algo in ("orpo", "simpo") if median[algo]["peak_rss_mb"] >= dpo["peak_rss_mb"]]
+    if above:
+        sys.exit(f"peak RSS not below DPO's for: {', '.join(above)}")
+
+
+if __name__ == "__main__":
+    main()

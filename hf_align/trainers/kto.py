@@ -1,0 +1,301 @@
+"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al., arXiv 2402.01306) on examples labelled good or bad, no pairs
+needed. A drop-in for `trl.KTOTrainer` / `trl.KTOConfig`: same constructor, dataset formats (`prompt`/`completion`/
+`label`, text or conversational; paired `prompt`/`chosen`/`rejected` data is unpaired as TRL does), KL batch of
+mismatched pairs, loss and logged metric names."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from trl.data_utils import unpair_preference_dataset
+
+from .. import data, losses, models
+from ..config import AlignConfig
+from ..logprobs import completion_logprobs
+from ..trainer import AlignTrainer
+
+logger = logging.getLogger(__name__)
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+KTO_CITATION = """@article{ethayarajh2024kto,
+    title  = {{KTO: Model Alignment as Prospect Theoretic Optimization}},
+    author = {Kawin Ethayarajh and Winnie Xu and Niklas Muennighoff and Dan Jurafsky and Douwe Kiela},
+    year   = 2024,
+    eprint = {arXiv:2402.01306},
+}"""
+
+
+@dataclass
+class KTOConfig(AlignConfig):
+    """Configuration of `KTOTrainer`; TRL's field names and defaults.
+
+    `loss_type="kto"` estimates the reference point z0 from mismatched pairs built per batch by position, so it needs
+    `train_sampling_strategy="sequential"` (the default) and `per_device_train_batch_size >= 2`;
+    `"apo_zero_unpaired"` (arXiv 2408.06266) is KTO with z0 = 0 and needs neither."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's KTO default)."})
+    train_sampling_strategy: str = field(
+        default="sequential",
+        metadata={"help": "Training sampler. `kto` needs 'sequential': each batch's KL pairs are its own rows."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to the reference."})
+    loss_type: str = field(default="kto", metadata={"help": f"One of {KTO_LOSS_TYPES}."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "λD, the weight of desirable examples' losses."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "λU, the weight of undesirable examples' losses."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
+    )
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+
+    def __post_init__(self):
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"Unknown loss_type {self.loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+        super().__post_init__()
+
+
+@dataclass
+class DataCollatorForUnpairedPreference:
+    """Pads `prompt_ids + completion_ids` into `input_ids` / `attention_mask` / `completion_mask` `[B, T]` and, when
+    the rows carry `KL_completion_ids`, the mismatched `prompt_ids + KL_completion_ids` into `KL_input_ids` /
+    `KL_attention_mask` / `KL_completion_mask`. Each sequence is truncated to `max_length` before padding. `label` is
+    a `[B]` bool tensor; precomputed `ref_logps` / `ref_KL_logps` pass through as `[B]` tensors."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [example["prompt_ids"] for example in examples]
+        settings = (self.pad_token_id, self.max_length, self.truncation_mode, self.pad_to_multiple_of)
+        batch = data.collate_prompt_completions(prompts, [example["completion_ids"] for example in examples], *settings)
+        if "KL_completion_ids" in examples[0]:
+            mismatched = [example["KL_completion_ids"] for example in examples]
+            kl_batch = data.collate_prompt_completions(prompts, mismatched, *settings)
+            batch.update({f"KL_{key}": value for key, value in kl_batch.items()})
+        batch["label"] = torch.tensor([bool(example["label"]) for example in examples])
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples])
+        return batch
+
+
+def add_kl_completions(dataset, batch_size: int):
+    """TRL's mismatched pairs: within each run of `batch_size` rows (one per-device batch under sequential sampling,
+    so every micro-batch pairs its own rows, whatever the gradient accumulation), row i gets the completion of row
+    i-1 and the first row that of the last: (x1, y_n), (x2, y1), ..., (x_n, y_{n-1}). Always one process: with
+    several, TRL's runs follow the shards and no longer line up with the batches."""
+
+    def rotate(rows):
+        completions = rows["completion_ids"]
+        return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+    kwargs = {"desc": "Pairing KL completions"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(rotate, batched=True, batch_size=batch_size, **kwargs)
+
+
+def check_labels(dataset, name: str, num_proc: int | None = None):
+    """Raises `DataError` naming the row unless each `label` is a bool (0 / 1 accepted); stores them as bools."""
+
+    def check(row, index):
+        label = row["label"]
+        if not isinstance(label, bool) and label not in (0, 1):
+            raise data.DataError(
+                f"{name} dataset, row {index}, column 'label': expected a bool (True: desirable, False: "
+                f"undesirable), got {label!r}."
+            )
+        return {"label": bool(label)}
+
+    return dataset.map(check, with_indices=True, **data.map_kwargs(dataset, f"Checking labels of {name}", num_proc))
+
+
+class KTOTrainer(AlignTrainer):
+    """Trains `model` on examples labelled desirable or undesirable against a reference: `ref_model` if given; with
+    peft, the model with its adapter disabled; otherwise a frozen in-memory copy of `model` (none at all with
+    `precompute_ref_log_probs`). A `PeftModel` passed in without `peft_config` is compared against its base model."""
+
+    config_class = KTOConfig
+    algorithm = "KTO"
+    paper = {"title": "KTO: Model Alignment as Prospect Theoretic Optimization", "id": "2402.01306",
+             "citation": KTO_CITATION}
+    dataset_columns = ("prompt_ids", "completion_ids", "KL_completion_ids", "label", "ref_logps", "ref_KL_logps")
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: KTOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is not None and args.loss_type == "kto":
+            if args.per_device_train_batch_size < 2:
+                raise ValueError(
+                    f"KTO needs per_device_train_batch_size >= 2, got {args.per_device_train_batch_size}: the KL "
+                    "reference point pairs each prompt with another row's completion of the same batch, and a batch "
+                    "of one row would pair it with its own (the KL term would equal the reward)."
+                )
+            if args.train_sampling_strategy != "sequential":
+                raise ValueError(
+                    f"KTO needs train_sampling_strategy='sequential', got {args.train_sampling_strategy!r}: the KL "
+                    "completions are paired by position within each per-device batch, and any other order breaks "
+                    "that pairing. Shuffle the dataset beforehand instead."
+                )
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+            optimizers, peft_config=peft_config, quantization_config=quantization_config,
+        )
+        self.setup_reference(ref_model, self.reference_logps)
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.args.loss_type == "kto"
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, name, args):
+        num_proc = args.dataset_num_proc
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if "chosen" in columns and "rejected" in columns:
+            dataset = self._unpair(dataset, name, num_proc)
+        data.check_columns(dataset, name, ["prompt", "completion", "label"])
+        dataset = check_labels(dataset, name, num_proc)
+        dataset = data.tokenize_dataset(
+            dataset, self.tokenizer, name, text_columns=("prompt", "completion"), completion_columns=("completion",),
+            keep_columns=("label",), num_proc=num_proc,
+        )
+        dataset, self.dropped_rows[name] = data.drop_overlong_prompts(
+            dataset, name, args.max_length, args.truncation_mode, num_proc
+        )
+        if args.loss_type == "kto":
+            # TRL pairs every dataset, eval ones included, in runs of the per-device *train* batch size.
+            dataset = add_kl_completions(dataset, args.per_device_train_batch_size)
+        if name == "train" and isinstance(dataset, Dataset):
+            self._warn_on_imbalance(dataset["label"], args)
+        return dataset
+
+    def _unpair(self, dataset, name, num_proc):
+        """Two rows per pair, as TRL's `unpair_preference_dataset`: the chosen completion labelled desirable, the
+        rejected one undesirable. Rows are checked against the paired dataset first, so errors name its rows."""
+        dataset = data.extract_implicit_prompt(dataset, name, num_proc)
+        dataset = data.check_rows(dataset, name, ("prompt", "chosen", "rejected"), num_proc)
+        pairs = f"{len(dataset)} pairs -> {2 * len(dataset)} rows" if isinstance(dataset, Dataset) else "streamed"
+        dataset = unpair_preference_dataset(dataset, **data.map_kwargs(dataset, f"Unpairing {name}", num_proc))
+        logger.warning(
+            "The %s dataset is paired (prompt/chosen/rejected): unpaired into two rows per pair, chosen -> label True, "
+            "rejected -> label False (%s). As in TRL, each block of up to 1000 pairs gives all its chosen rows, then "
+            "all its rejected ones, so with sequential sampling a batch holds one kind only; to mix them, pass "
+            "`trl.data_utils.unpair_preference_dataset(dataset).shuffle(seed=0)` instead.", name, pairs,
+        )
+        return dataset
+
+    @staticmethod
+    def _warn_on_imbalance(labels, args) -> None:
+        """The KTO paper (arXiv 2402.01306) recommends λD·nD / (λU·nU) in [1, 4/3] (TRL cites its eq. 8). TRL checks
+        only imbalanced counts; this also warns on balanced counts with weights that leave the range."""
+        n_desirable = sum(labels)
+        n_undesirable = len(labels) - n_desirable
+        weighted_d = args.desirable_weight * max(n_desirable, 1)
+        weighted_u = args.undesirable_weight * max(n_undesirable, 1)
+        ratio = weighted_d / weighted_u
+        if 1.0 <= ratio <= 4 / 3:
+            return
+        logger.warning(
+            "The train dataset has %d desirable and %d undesirable examples: with desirable_weight=%g and "
+            "undesirable_weight=%g, λD·nD / (λU·nU) = %.2f is outside [1, 4/3], the range the KTO paper recommends "
+            "(arXiv 2402.01306). Set EITHER desirable_weight in [%.2f, %.2f] OR undesirable_weight in "
+            "[%.2f, %.2f] (not both).",
+            n_desirable, n_undesirable, args.desirable_weight, args.undesirable_weight, ratio,
+            weighted_u / max(n_desirable, 1), 4 / 3 * weighted_u / max(n_desirable, 1),
+            weighted_d / (4 / 3 * max(n_undesirable, 1)), weighted_d / max(n_undesirable, 1),
+        )
+
+    def prepare_eval_dataset(self, dataset, name):
+        dataset = super().prepare_eval_dataset(dataset, name)
+        return self.precompute_eval_reference(dataset, name, self.reference_logps, "ref_logps")
+
+    def default_collator(self, args):
+        return DataCollatorForUnpairedPreference(
+            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of
+        )
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+    def reference_logps(self, batch) -> dict[str, torch.Tensor]:
+        """Summed completion log-probs under the reference: `ref_logps` `[B]`, and `ref_KL_logps` `[B]` of the
+        mismatched pairs when the loss uses them."""
+        with models.reference_model(self.model, self.ref_model) as reference:
+            out = {"ref_logps": self._sequence_logps(reference, batch)}
+            if self.uses_kl:
+                out["ref_KL_logps"] = self._sequence_logps(reference, batch, prefix="KL_")
+        return out
+
+    @staticmethod
+    def _sequence_logps(model, batch, prefix: str = "") -> torch.Tensor:
+        return completion_logprobs(
+            model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]
+        ).sum
+
+    def reference_point(self, model, inputs, reference) -> torch.Tensor:
+        """z0: the mean of `logp(y'|x) - ref(y'|x)` over this batch's mismatched pairs, averaged over every process
+        (each computes it from its own micro-batch), clamped at 0; no gradient flows through it."""
+        with torch.no_grad():
+            kl = (self._sequence_logps(model, inputs, prefix="KL_") - reference["ref_KL_logps"]).mean()
+        return self.accelerator.gather(kl.reshape(1)).mean().clamp(min=0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reference = inputs if "ref_logps" in inputs else self.reference_logps(inputs)
+        if self.uses_kl:
+            z0 = self.reference_point(model, inputs, reference)
+        else:
+            z0 = inputs["input_ids"].new_zeros((), dtype=torch.float32)
+        policy = completion_logprobs(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], with_stats=True
+        )
+        logratios = policy.sum - reference["ref_logps"]
+        desirable = inputs["label"].bool()
+        loss = losses.kto_loss(
+            logratios, desirable, z0, beta=self.args.beta, desirable_weight=self.args.desirable_weight,
+            undesirable_weight=self.args.undesirable_weight,
+        ).mean()
+        self._record_kto_metrics(policy, logratios, desirable, z0)
+        self.record_tokens(inputs["attention_mask"])
+        return (loss, {"logps": policy.sum}) if return_outputs else loss
+
+    def _record_kto_metrics(self, policy, logratios, desirable, z0) -> None:
+        # Sums and counts over every process: a batch with no desirable (or no undesirable) example adds nothing to
+        # that kind's means instead of a NaN; `rewards/margins` is derived when the log is written.
+        rewards = self.args.beta * logratios.detach()
+        logps = policy.sum.detach()
+        self.record_metric("kl", z0)
+        self.record_sum("rewards/chosen", rewards[desirable])
+        self.record_sum("rewards/rejected", rewards[~desirable])
+        self.record_sum("logps/chosen", logps[desirable])
+        self.record_sum("logps/rejected", logps[~desirable])
+        self.record_token_mean("logits/chosen", policy.mean_logit[desirable], policy.mask[desirable])
+        self.record_token_mean("logits/rejected", policy.mean_logit[~desirable], policy.mask[~desirable])
+        self.record_token_mean("entropy", policy.entropy, policy.mask)
+
+    def pending_metrics(self, mode: str) -> dict[str, float]:
+        metrics = super().pending_metrics(mode)
+        if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return metrics
+
+    def card_hyperparameters(self) -> dict:
+        return {
+            "beta": self.args.beta, "loss_type": self.args.loss_type, "desirable_weight": self.args.desirable_weight,
+            "undesirable_weight": self.args.undesirable_weight,
+        }

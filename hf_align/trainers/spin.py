@@ -1,0 +1,265 @@
+"""SPIN: Self-Play fIne-tuNing (Chen et al., arXiv 2401.01335).
+
+SPIN improves a model from its SFT data alone. Round t = 0, 1, ... starts from the current policy θt: it samples one
+response per prompt from θt, pairs it (`rejected`) with the ground-truth completion (`chosen`), and trains on the pairs
+against the reference θt with the logistic loss `ℓ(λ·[log p(y|x)/pθt(y|x) - log p(y'|x)/pθt(y'|x)])` — DPO's
+sigmoid loss with β = λ — for `num_train_epochs` (or `max_steps`); θt+1 is the result. At the fixed point the
+policy is the data distribution and ground truth and samples can no longer be told apart.
+
+Everything about a round's training is `DPOTrainer`'s (tokenization, collator, loss types, metrics). What SPIN adds:
+the rounds, the generation (`hf_align.generation`), and the reference: θt is the policy at the round's start, so its
+log-probs of the round's pairs are computed then, once, with the policy itself — no copy of the weights is kept, for
+full fine-tuning and peft alike (the adapter stays active: θt includes it). That is one no-gradient pass over the
+pairs per round, cheaper than a frozen reference model (a copy in memory and a forward pass per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers.trainer_utils import TrainOutput
+
+from .. import data
+from ..generation import SamplingConfig, generate_completions
+from ..logprobs import completion_logprobs
+from .dpo import DPOConfig, DPOTrainer
+
+logger = logging.getLogger(__name__)
+
+SPIN_CITATION = """@inproceedings{chen2024self,
+    title     = {{Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models}},
+    author    = {Zixiang Chen and Yihe Deng and Huizhuo Yuan and Kaixuan Ji and Quanquan Gu},
+    year      = 2024,
+    booktitle = {Proceedings of the 41st International Conference on Machine Learning},
+}"""
+
+
+@dataclass
+class SPINConfig(DPOConfig):
+    """Configuration of `SPINTrainer`: `DPOConfig` plus the rounds and how responses are sampled.
+
+    Defaults are the authors' (their released configs and generation script): β = λ = 0.1, learning rate 5e-7 with a
+    10% warm-up, sampling at temperature 0.8 with top-p 0.95 and at most 256 new tokens. `temperature=0` samples
+    greedily. `num_train_epochs` / `max_steps` and the learning-rate schedule apply to each round: each round is one
+    `Trainer.train()` run with a fresh optimizer, as each SPIN iteration is a fresh fine-tuning run from θt."""
+
+    learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate of each round (the authors')."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up of each round (a float < 1: a fraction)."})
+    beta: float = field(default=0.1, metadata={"help": "λ of the SPIN loss (DPO's β)."})
+    num_rounds: int = field(default=3, metadata={"help": "Self-play rounds: generate, then train against θt."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens of a generated response."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold (1: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Prompts per `generate` call."})
+
+    def __post_init__(self):
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "SPIN always computes the reference log-probs itself, at the start of each round (the reference is "
+                "the policy then): leave `precompute_ref_log_probs` unset."
+            )
+        super().__post_init__()
+
+    def sampling(self, seed: int) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            batch_size=self.generation_batch_size, seed=seed,
+        )
+
+
+def split_sft_row(row: dict, where: str, *, kind: str, conversational: bool) -> dict:
+    """`{"prompt", "completion"}` of an SFT row (`prompt`/`completion`, or `messages` whose last turn is the
+    assistant's), checked: `data.DataError` names `where` and the column."""
+    if kind == "messages":
+        data.check_value(row["messages"], f"{where}, column 'messages'", conversational=True)
+        messages = row["messages"]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise data.DataError(
+                f"{where}, column 'messages': SPIN needs a prompt and a final assistant turn (the ground truth), got "
+                f"roles {[message['role'] for message in messages]}."
+            )
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    for column in ("prompt", "completion"):
+        data.check_value(row[column], f"{where}, column '{column}'", conversational=conversational)
+    return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+class SPINTrainer(DPOTrainer):
+    """Self-play fine-tuning on SFT data (`prompt`/`completion`, text or conversational, or `messages`).
+
+    `train()` runs `args.num_rounds` rounds. Each starts with `start_round`: one response per prompt is sampled from
+    the current policy (`args.sampling`), the pairs (ground truth, sample) are tokenized as DPO pairs, and the
+    policy's log-probs of them become the reference columns; `eval_dataset` prompts get pairs the same way. Then
+    `Trainer.train()` runs the round with a fresh optimizer and schedule (its steps count from 0; checkpoints go to
+    `output_dir/round-<t>/`). After all rounds, `state.log_history` holds every round's logs, each with its `round`
+    and a `step` that keeps counting across rounds, and `round_history` holds one summary per round:
+    `gap_start` / `eval_gap_start` (mean logp(ground truth) - logp(own sample), summed over tokens, under θt, on the
+    round's train / eval pairs), `gap_end` (the train pairs under the policy after the round) and `train_loss`.
+    The raw pairs of the current round are in `round_pairs` ("train", and "eval" or "eval_<key>").
+    """
+
+    config_class = SPINConfig
+    algorithm = "SPIN"
+    paper = {"title": "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models",
+             "id": "2401.01335", "citation": SPIN_CITATION}
+
+    def __init__(
+        self,
+        model,
+        args: SPINConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if any(optimizer is not None for optimizer in optimizers):
+            raise ValueError("SPIN makes a fresh optimizer and schedule for each round: `optimizers` cannot be given.")
+        super().__init__(
+            model, None, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+            callbacks, optimizers, quantization_config=quantization_config, peft_config=peft_config,
+        )
+        # `prepare_dataset` checked the SFT rows; each round turns them into pairs.
+        self.sft_datasets = {"train": self.train_dataset, "eval": self.eval_dataset}
+        self.train_dataset = self.eval_dataset = None
+        self.round: int | None = None
+        self.round_pairs: dict[str, Dataset] = {}
+        self.round_history: list[dict] = []
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, name, args):
+        """Checks the SFT rows and keeps them as `prompt` / `completion` (the ground truth)."""
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        kind = "messages" if "messages" in columns and "prompt" not in columns else "prompt-completion"
+        data.check_columns(dataset, name, ["messages"] if kind == "messages" else ["prompt", "completion"])
+        conversational = kind == "messages" or data.is_conversational_row(next(iter(dataset)), ["prompt"])
+
+        def process(row, index):
+            return split_sft_row(row, f"{name} dataset, row {index}", kind=kind, conversational=conversational)
+
+        kwargs = data.map_kwargs(dataset, f"Checking {name}", args.dataset_num_proc)
+        return dataset.map(process, with_indices=True, remove_columns=columns, **kwargs)
+
+    def prepare_eval_dataset(self, dataset, name):
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if "ref_chosen_logps" in columns:
+            return dataset
+        raise ValueError(
+            "SPIN evaluates on the pairs it builds at the start of each round from `eval_dataset` (with θt as the "
+            "reference): pass the held-out SFT rows as `eval_dataset` when building the trainer."
+        )
+
+    def setup_reference(self, ref_model, compute) -> None:
+        # No reference model: each round's reference columns come from the policy at its start (`start_round`).
+        self.ref_model = None
+
+    # -- log-probs -------------------------------------------------------------------------------------------------
+    def policy_logps(self, batch) -> dict[str, torch.Tensor]:
+        """Summed log-probs of the batch's chosen and rejected completions under the current policy, no gradients."""
+        with torch.no_grad():
+            logps = completion_logprobs(
+                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            ).sum
+        chosen, rejected = logps.chunk(2)
+        return {"chosen_logps": chosen, "rejected_logps": rejected}
+
+    def reference_logps(self, batch) -> dict[str, torch.Tensor]:
+        """θt's log-probs: called at the start of a round only, when the policy is θt."""
+        return {f"ref_{key}": value for key, value in self.policy_logps(batch).items()}
+
+    def _score(self, dataset, name: str, compute) -> Dataset:
+        return self.precompute_reference(
+            dataset, name, compute, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        )
+
+    @staticmethod
+    def _mean_gap(dataset, prefix: str = "") -> float:
+        chosen = torch.tensor(list(dataset[f"{prefix}chosen_logps"]))
+        rejected = torch.tensor(list(dataset[f"{prefix}rejected_logps"]))
+        return (chosen - rejected).mean().item()
+
+    # -- rounds ----------------------------------------------------------------------------------------------------
+    def generate_responses(self, prompts: list) -> list:
+        """One response per prompt from the current policy, each process sampling its share of the prompts; returned
+        in the format of the prompts (a string, or a one-message assistant list)."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        sampling = self.args.sampling(seed=self.args.seed + self.round * world + rank)
+        with self.accelerator.split_between_processes(prompts) as shard:
+            texts = generate_completions(self.model, self.tokenizer, shard, sampling).texts if shard else []
+        texts = gather_object(texts)
+        if data.is_conversational_row({"prompt": prompts[0]}, ["prompt"]):
+            return [[{"role": "assistant", "content": text}] for text in texts]
+        # A response of nothing but whitespace stopped at once: keep it, ended by the eos token it sampled.
+        return [text if text.strip() else text + self.tokenizer.eos_token for text in texts]
+
+    def build_pairs(self, sft_dataset, name: str) -> Dataset:
+        """The round's DPO pairs for `sft_dataset`: ground truth vs a fresh sample of the policy, tokenized, with the
+        policy's log-probs of both as the reference columns."""
+        round_name = f"{name} (round {self.round})"
+        prompts = list(sft_dataset["prompt"])
+        pairs = Dataset.from_dict({
+            "prompt": prompts, "chosen": list(sft_dataset["completion"]), "rejected": self.generate_responses(prompts),
+        })
+        self.round_pairs[name] = pairs
+        prepared = super().prepare_dataset(pairs, round_name, self.args)
+        return self._score(prepared, round_name, self.reference_logps)
+
+    def start_round(self, round_index: int) -> dict:
+        """Makes round `round_index`'s train (and eval) pairs from the current policy θt; returns their gaps."""
+        self.round = round_index
+        self.round_pairs = {}
+        self.train_dataset = self.build_pairs(self.sft_datasets["train"], "train")
+        summary = {"round": round_index, "gap_start": self._mean_gap(self.train_dataset, "ref_")}
+        eval_sets = self.sft_datasets["eval"]
+        if isinstance(eval_sets, dict):
+            self.eval_dataset = {key: self.build_pairs(ds, f"eval_{key}") for key, ds in eval_sets.items()}
+            for key, ds in self.eval_dataset.items():
+                summary[f"eval_{key}_gap_start"] = self._mean_gap(ds, "ref_")
+        elif eval_sets is not None:
+            self.eval_dataset = self.build_pairs(eval_sets, "eval")
+            summary["eval_gap_start"] = self._mean_gap(self.eval_dataset, "ref_")
+        return summary
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """Runs the SPIN rounds (see the class docstring). Resuming from a checkpoint is not supported: a checkpoint
+        holds one round's state, not the round's pairs and reference."""
+        if resume_from_checkpoint:
+            raise ValueError("SPINTrainer cannot resume from a checkpoint; start a new run from the saved model.")
+        history, total_steps, total_loss, output = [], 0, 0.0, None
+        for round_index in range(self.args.num_rounds):
+            summary = self.start_round(round_index)
+            self.optimizer = None  # a fresh optimizer; `Trainer.train()` builds a fresh schedule for it
+            output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+            summary["gap_end"] = self._mean_gap(self._score(self.train_dataset, "gap", self.policy_logps))
+            summary["train_loss"] = output.training_loss
+            self.log(dict(summary))
+            self.round_history.append(summary)
+            logger.info("SPIN round %d: %s", round_index, summary)
+            history += [{**entry, "round": round_index, "step": total_steps + entry.get("step", 0)}
+                        for entry in self.state.log_history]
+            total_steps += self.state.global_step
+            total_loss += output.training_loss * self.state.global_step
+        self.state.log_history = history
+        self.state.global_step = total_steps
+        training_loss = total_loss / max(total_steps, 1)
+        return TrainOutput(total_steps, training_loss, {**output.metrics, "train_loss": training_loss})
+
+    def _get_output_dir(self, trial) -> str:
+        # Each round's steps count from 0: its checkpoints get their own folder, or a later round would overwrite them.
+        return os.path.join(super()._get_output_dir(trial), f"round-{self.round}")
+
+    def card_hyperparameters(self) -> dict:
+        return {**super().card_hyperparameters(), "num_rounds": self.args.num_rounds,
+                "max_new_tokens": self.args.max_new_tokens, "temperature": self.args.temperature}

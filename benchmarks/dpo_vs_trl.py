@@ -13,57 +13,16 @@ tokens of the chosen and rejected sequences of the timed steps (after `--warmup`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
-
-def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: int) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hf_align.defaults import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
-        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    print(f"benchmark model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
-
-
-def benchmark_dataset(prompt_tokens: int, rows: int):
-    """The embedded pairs, with each prompt lengthened to about `prompt_tokens` tokens by a shared context."""
-    from datasets import Dataset
-
-    from hf_align.defaults import load_default_dataset
-
-    base = load_default_dataset("preference").select(range(min(rows, 400)))
-    context = "Context: the user has asked many careful questions about everyday tasks before. " * max(
-        1, prompt_tokens // 16
-    )
-    return Dataset.from_list(
-        [{"prompt": context + row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]} for row in base]
-    )
+from harness import benchmark_dataset, build_benchmark_model, report_child, run_alternating, time_training
 
 
 def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from transformers import TrainerCallback
-
     if args.impl == "hf_align":
         from hf_align import DPOConfig, DPOTrainer
     else:
@@ -76,33 +35,7 @@ def run_one(args) -> dict:
         dataloader_pin_memory=False,
     )
     trainer = DPOTrainer(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))
-
-    batch_tokens = []
-    collate = trainer.data_collator
-
-    def counting_collator(examples):
-        batch = collate(examples)
-        batch_tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
-    step_ends = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, *_args, **_kwargs):
-            step_ends.append(time.perf_counter())
-
-    trainer.add_callback(StepTimer())
-    trainer.train()
-    seconds = step_ends[-1] - step_ends[args.warmup - 1]
-    tokens = sum(batch_tokens[args.warmup : args.warmup + args.steps])
-    return {
-        "impl": args.impl,
-        "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "seconds": seconds,
-        "tokens": tokens,
-    }
+    return {"impl": args.impl, **time_training(trainer, args.warmup, args.steps)}
 
 
 def main():
@@ -122,7 +55,7 @@ def main():
     args = parser.parse_args()
 
     if args.impl:  # a child run
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        report_child(run_one(args))
         return
 
     workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
@@ -130,24 +63,8 @@ def main():
     build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
     passthrough = [f"--{k}={getattr(args, k)}" for k in
                    ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
-    results = {"hf_align": [], "trl": []}
-    for round_index in range(args.rounds):
-        for impl in ("hf_align", "trl"):
-            env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-            out = subprocess.run(
-                [sys.executable, __file__, f"--impl={impl}", f"--model={model_path}", *passthrough],
-                capture_output=True, text=True, env=env,
-            )
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                sys.exit(f"{impl} run failed:\n{out.stderr[-4000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
-            results[impl].append(result)
-            print(f"round {round_index + 1} {impl:8s} {result['tokens_per_s']:9.0f} tokens/s "
-                  f"{result['peak_rss_mb']:8.0f} MB peak RSS", flush=True)
-
-    median = {impl: {key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "peak_rss_mb")}
-              for impl, runs in results.items()}
+    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
+                             args.rounds)
     print()
     print(f"| DPO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} | hf_align | TRL | hf_align / TRL |")
     print("|---|---|---|---|")

@@ -3,7 +3,7 @@
     python benchmarks/reference_free_memory.py             # defaults below; prints a table
     python benchmarks/reference_free_memory.py --rounds 3 --steps 30 --prompt_tokens 300
 
-The model and pairs are built by `benchmarks/dpo_vs_trl.py`'s helpers (imported): a Llama built offline with a 32k
+The model and pairs are built by `benchmarks/harness.py`: a Llama built offline with a 32k
 vocabulary, and the embedded pairs behind a shared context of about `--prompt_tokens` tokens. The default model is
 wider and deeper than dpo_vs_trl's (768 hidden, 8 layers: 106M parameters, 46% of them the embedding and LM head,
 against 32M and 78%): dropping the reference saves one copy of the weights, and on a model that is mostly vocabulary
@@ -19,16 +19,11 @@ Exits with status 1 unless ORPO's and SimPO's peak RSS are below DPO's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from dpo_vs_trl import benchmark_dataset, build_benchmark_model
+from harness import benchmark_dataset, build_benchmark_model, report_child, run_alternating, time_training
 
 ALGORITHMS = ("dpo", "orpo", "simpo")
 
@@ -37,8 +32,6 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from transformers import TrainerCallback
-
     import hf_align
 
     trainer_cls = {"dpo": hf_align.DPOTrainer, "orpo": hf_align.ORPOTrainer, "simpo": hf_align.SimPOTrainer}[args.algo]
@@ -48,32 +41,8 @@ def run_one(args) -> dict:
         save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
     )
     trainer = trainer_cls(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))
-
-    batch_tokens = []
-    collate = trainer.data_collator
-
-    def counting_collator(examples):
-        batch = collate(examples)
-        batch_tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
-    step_ends = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, *_args, **_kwargs):
-            step_ends.append(time.perf_counter())
-
-    trainer.add_callback(StepTimer())
-    trainer.train()
-    seconds = step_ends[-1] - step_ends[args.warmup - 1]
-    tokens = sum(batch_tokens[args.warmup : args.warmup + args.steps])
-    return {
-        "algo": args.algo,
-        "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "has_reference": getattr(trainer, "ref_model", None) is not None,
-    }
+    return {"algo": args.algo, **time_training(trainer, args.warmup, args.steps),
+            "has_reference": getattr(trainer, "ref_model", None) is not None}
 
 
 def main():
@@ -93,7 +62,7 @@ def main():
     args = parser.parse_args()
 
     if args.algo:  # a child run
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        report_child(run_one(args))
         return
 
     workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
@@ -101,24 +70,8 @@ def main():
     build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
     passthrough = [f"--{k}={getattr(args, k)}" for k in
                    ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
-    results = {algo: [] for algo in ALGORITHMS}
-    for round_index in range(args.rounds):
-        for algo in ALGORITHMS:
-            env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-            out = subprocess.run(
-                [sys.executable, __file__, f"--algo={algo}", f"--model={model_path}", *passthrough],
-                capture_output=True, text=True, env=env,
-            )
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                sys.exit(f"{algo} run failed:\n{out.stderr[-4000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
-            results[algo].append(result)
-            print(f"round {round_index + 1} {algo:6s} {result['tokens_per_s']:9.0f} tokens/s "
-                  f"{result['peak_rss_mb']:8.0f} MB peak RSS  reference model: {result['has_reference']}", flush=True)
-
-    median = {algo: {key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "peak_rss_mb")}
-              for algo, runs in results.items()}
+    median = run_alternating(__file__, "algo", ALGORITHMS, [f"--model={model_path}", *passthrough], args.rounds)
+    print("reference model kept:", {algo: median[algo]["has_reference"] for algo in ALGORITHMS})
     dpo = median["dpo"]
     print()
     print(f"| prompt≈{args.prompt_tokens} tok, batch {args.batch_size}, {args.threads} thread(s) | tokens/s | "

@@ -5,6 +5,8 @@ from .data import DataError
 from .trainer import AlignTrainer
 from .preference import DataCollatorForPreference
 from .trainers.dpo import DPOConfig, DPOTrainer
+from .trainers.grpo import GRPOConfig, GRPOTrainer
+from .trainers.rloo import RLOOConfig, RLOOTrainer
 from .trainers.gdpo import DataCollatorForBeliefPreference, DistributionalGDPOConfig, DistributionalGDPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
 from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
@@ -26,6 +28,8 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "DataCollatorForBeliefPreference", "DistributionalGDPOConfig", "DistributionalGDPOTrainer",
+    "GRPOConfig", "GRPOTrainer",
+    "RLOOConfig", "RLOOTrainer",
     "IPOConfig",
     "IPOTrainer",
     "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",

@@ -212,3 +212,387 @@ def kto_loss(
     return torch.where(
         desirable, desirable_weight * (1 - torch.sigmoid(z)), undesirable_weight * (1 - torch.sigmoid(-z))
     )
+
+
+# ======================================================================================================================
+# Online policy-gradient family: GRPO, Dr. GRPO, DAPO, GSPO, RLOO, ReMax, REINFORCE / REINFORCE++, reward-decoupled GDPO
+# ======================================================================================================================
+#
+# Shapes: `N` completions = num_prompts · G, prompt-major (row `i·G + g` is completion `g` of prompt `i`); `T` completion
+# length; `mask` `[N, T]` (bool or float) is 1 on the completion tokens that count. Values at masked positions must be
+# finite: they are multiplied by 0, as TRL does. A reward of NaN means "unscorable" (every reward function returned
+# None for that sample): it is left out of the group and batch statistics and its advantage is 0, as in TRL 1.16.
+
+ADVANTAGE_EPS = 1e-4  # TRL 1.16 adds this to every reward / advantage standard deviation it divides by.
+PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
+REWARD_SCALES = ("group", "batch", "none")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """`Σ mask · values / max(Σ mask, 1)` over all elements (`dim=None`, a scalar) or along `dim`. A row with no
+    masked-in element gives 0 (the `clamp(min=1)` TRL uses in its losses). `values`, `mask` broadcastable."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Variance of the masked-in elements of `values` (all of them together; a scalar): `Σ mask (v - μ)² / n`, or
+    `/ (n - 1)` with `unbiased=True` (0 when `n ≤ 1`), `μ = masked_mean(values, mask)`, `n = Σ mask`."""
+    mask = mask.to(values.dtype)
+    centred = (values - masked_mean(values, mask)) * mask
+    count = mask.sum()
+    denominator = (count - 1).clamp(min=1.0) if unbiased else count.clamp(min=1.0)
+    return (centred**2).sum() / denominator
+
+
+def masked_std(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """`sqrt(masked_var(values, mask, unbiased))`, a scalar."""
+    return masked_var(values, mask, unbiased).sqrt()
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, unbiased: bool = False, eps: float = 1e-8
+) -> torch.Tensor:
+    """REINFORCE++'s advantage normalisation (arXiv 2501.03262, §3): whiten over the whole batch (every masked-in
+    token of every row together, not per group), `(v - μ) / sqrt(σ² + eps)`; with `shift_mean=False` the mean is
+    added back, `(v - μ) / sqrt(σ² + eps) + μ`. The variance is the biased (population) one by default, as
+    OpenRLHF's REINFORCE++ uses (`unbiased=True` for Bessel's correction). Returns `[N, T]`, 0 at masked-out
+    positions."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask, unbiased) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def nan_std(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Standard deviation ignoring NaNs, with Bessel's correction (`/ (n - 1)`, `n` the count of non-NaN values);
+    NaN where `n ≤ 1`. The same estimator as `trl.trainer.utils.nanstd`, which TRL 1.16 uses for every reward std."""
+    if dim is None:
+        std = nan_std(values.reshape(-1), dim=0)
+        return std.reshape([1] * values.dim()) if keepdim else std
+    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
+    squares = torch.nansum((values - torch.nanmean(values, dim=dim, keepdim=True)) ** 2, dim=dim, keepdim=True)
+    variance = torch.where(count > 1, squares / (count - 1).clamp(min=1), torch.full_like(squares, float("nan")))
+    std = variance.sqrt()
+    return std if keepdim else std.squeeze(dim)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[N]` → `[N / G, G]`, checking that `N` is a multiple of `G`."""
+    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"Expected a 1-D tensor of rewards whose length is a multiple of group_size={group_size}, got shape "
+            f"{tuple(rewards.shape)}."
+        )
+    return rewards.view(-1, group_size)
+
+
+def weighted_reward_sum(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The reward of each completion with K reward functions (TRL's `sum_then_normalize` input):
+    `r = Σ_k w_k r_k`, skipping functions that returned None (NaN) for that sample; NaN when all K did.
+    `rewards_per_func` `[N, K]`, `weights` `[K]`; returns `[N]`."""
+    rewards = (rewards_per_func * weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
+    return rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
+
+
+def _reward_std(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """The std TRL's GRPO divides by (`scale="group"` or `"batch"`) or checks for zero (`"none"`: the group std),
+    broadcast to `[N]`."""
+    grouped = _grouped(rewards, group_size)
+    if scale in ("group", "none"):
+        if group_size == 1:
+            return torch.zeros_like(rewards)
+        return nan_std(grouped, dim=1).repeat_interleave(group_size)
+    if scale == "batch":
+        return nan_std(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    raise ValueError(f"Unknown reward scale {scale!r}; expected one of {REWARD_SCALES}.")
+
+
+def group_relative_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = ADVANTAGE_EPS
+) -> torch.Tensor:
+    """GRPO's advantages (arXiv 2402.03300, §4.1.2): `A = (r - mean_g) / (σ + eps)`, `mean_g` the mean reward of the
+    completion's group of `group_size` completions of the same prompt. `σ` is
+    `scale="group"`: the group's std (GRPO); `"batch"`: the std of all N rewards while the mean stays per group
+    (TRL's `scale_rewards="batch"`, PPO-Lite arXiv 2508.08221); `"none"`: no division, `A = r - mean_g`
+    (Dr. GRPO, arXiv 2503.20783).
+
+    TRL 1.16's arithmetic exactly: std with Bessel's correction (`/ (G - 1)`, `nan_std`), `eps = 1e-4` added to the
+    std (not under a square root); a group whose rewards all tie gets `A = 0 / 1e-4 = 0`; G = 1 gives 0. NaN rewards
+    are left out of the means and stds and get `A = 0` (so does a group with a single scorable completion, whose std
+    is undefined). `rewards` `[N]`; returns `[N]`."""
+    mean = torch.nanmean(_grouped(rewards, group_size), dim=1).repeat_interleave(group_size)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (_reward_std(rewards, group_size, scale) + eps)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def reward_std_is_zero(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """For TRL's `frac_reward_zero_std` metric (its mean): whether the std `group_relative_advantages` uses is 0
+    (`torch.isclose` to 0), per completion, `[N]` bool. With `scale="group"` or `"none"` that is the group std, so the
+    mean is the fraction of groups whose rewards all tie; with `scale="batch"` TRL checks the batch std (all True or
+    all False). G = 1 counts as zero; an undefined std (a group with ≤ 1 scorable completion) does not. For RLOO use
+    `scale="group"`; for reward-decoupled GDPO pass `decoupled_group_rewards(...)` with `scale="batch"`."""
+    std = _reward_std(rewards, group_size, scale)
+    return torch.isclose(std, torch.zeros_like(std))
+
+
+def leave_one_out_advantages(
+    rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = ADVANTAGE_EPS
+) -> torch.Tensor:
+    """RLOO (arXiv 2402.14740, eq. 7; Kool et al. 2019): `A_i = r_i - (1/(G-1)) Σ_{j≠i} r_j` within each group.
+    TRL 1.16's `RLOOTrainer` folds the KL penalty into `r` before this (`sequence_kl_penalised_rewards`). NaN
+    rewards are left out of their siblings' baselines (the divisor is the group's scorable count - 1) and get A = 0,
+    as does the only scorable completion of a group. `normalize=True` is TRL's `normalize_advantages`: then
+    `(A - mean) / (std + eps)` over the whole batch, Bessel-corrected std, `eps = 1e-4`. `group_size` must be ≥ 2
+    (TRL returns zeros for G = 1, which only its evaluation can reach). `rewards` `[N]`; returns `[N]`."""
+    if group_size < 2:
+        raise ValueError(f"Leave-one-out advantages need group_size >= 2 completions per prompt, got {group_size}.")
+    grouped = _grouped(rewards, group_size)
+    scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    baselines = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)
+    advantages = rewards - baselines.reshape(-1)
+    if normalize:
+        advantages = (advantages - torch.nanmean(advantages)) / (nan_std(advantages) + eps)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def sequence_kl_penalised_rewards(
+    rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """RLOO's KL-in-the-reward (arXiv 2402.14740, §2; TRL 1.16's `RLOOTrainer`): `r - β Σ_t mask (logp_t - ref_t)`,
+    the sequence's summed first-order log-ratio (k1; it can be negative, unlike `k3_kl`), taken with the sampling
+    policy's log-probs (TRL's `old_per_token_logps`). `rewards` `[N]`, `logps`/`ref_logps`/`mask` `[N, T]`;
+    returns `[N]`."""
+    return rewards - beta * ((logps - ref_logps) * mask.to(logps.dtype)).sum(-1)
+
+
+def greedy_baseline_advantages(
+    sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """ReMax (arXiv 2310.10505, Algorithm 1): `A = r(x, y_sampled) - r(x, y_greedy)`, the greedy decode of the same
+    prompt as baseline. `sample_rewards` `[N]` (`group_size` samples per prompt, prompt-major), `greedy_rewards`
+    `[N / group_size]`; returns `[N]` (0 where either reward is NaN)."""
+    grouped = _grouped(sample_rewards, group_size)
+    if greedy_rewards.shape != (grouped.shape[0],):
+        raise ValueError(
+            f"Expected one greedy reward per prompt, shape ({grouped.shape[0]},), got {tuple(greedy_rewards.shape)}."
+        )
+    return torch.nan_to_num(sample_rewards - greedy_rewards.repeat_interleave(group_size), nan=0.0)
+
+
+def group_mean_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++-baseline (arXiv 2501.03262, §3.2): `r - mean_g`, the score minus the mean score of its prompt's
+    group (NaN-aware, no division by the std; 0 for NaN scores). `scores` `[N]`; returns `[N]`."""
+    mean = torch.nanmean(_grouped(scores, group_size), dim=1).repeat_interleave(group_size)
+    return torch.nan_to_num(scores - mean, nan=0.0)
+
+
+def kl_penalised_token_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip: float | tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """REINFORCE++'s per-token reward (arXiv 2501.03262, eq. 1; as PPO-RLHF, arXiv 2203.02155): `r_t = -β KL_t` on
+    every completion token, plus the sequence's score on its last completion token (the last position where `mask`
+    is 1, i.e. EOS or the truncation point). `clip` bounds the score first: a float `c` clamps to `[-c, c]`, a pair
+    to `[lo, hi]`. `scores` `[N]`, `kl` (any per-token estimate, e.g. `k3_kl` or `logp - ref`) and `mask` `[N, T]`;
+    returns `[N, T]`, 0 at masked-out positions. A row with no completion token gets no score."""
+    mask = mask.to(kl.dtype)
+    if clip is not None:
+        low, high = (-clip, clip) if isinstance(clip, (int, float)) else clip
+        scores = scores.clamp(min=low, max=high)
+    rewards = -beta * kl * mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).argmax(dim=1, keepdim=True)
+    has_tokens = (mask > 0).any(dim=1, keepdim=True)
+    return rewards.scatter_add(1, last, scores.to(kl.dtype).unsqueeze(1) * has_tokens)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Returns-to-go `G_t = Σ_{s ≥ t} γ^(s-t) mask_s r_s` (REINFORCE, Williams 1992; REINFORCE++ arXiv 2501.03262,
+    eq. 2), computed backwards `G_t = mask_t r_t + γ G_{t+1}`; `s - t` counts positions. `token_rewards`, `mask`
+    `[N, T]`; returns `[N, T]`, 0 at masked-out positions."""
+    mask = mask.to(token_rewards.dtype)
+    rewards = token_rewards * mask
+    returns = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def decoupled_group_rewards(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = ADVANTAGE_EPS
+) -> torch.Tensor:
+    """The first step of reward-decoupled GDPO (arXiv 2601.05242, eq. 4–5; TRL 1.16's
+    `multi_objective_aggregation="normalize_then_sum"`): each reward function normalised within its group,
+    `Â_k = (r_k - μ_{g,k}) / (σ_{g,k} + eps)`, then `Σ_k w_k Â_k`.
+
+    TRL's arithmetic: NaN-aware group mean and Bessel-corrected std per function (`nan_std`), `eps = 1e-4`; a
+    function whose group ties gives 0; one with fewer than two scorable values in a group, or G = 1 (std 0), drops
+    out of those samples' sums (NaN skipped); a sample for which all K functions are NaN is NaN (unscorable).
+    `rewards_per_func` `[N, K]`, `weights` `[K]`; returns `[N]`."""
+    num_completions, num_funcs = rewards_per_func.shape
+    if group_size < 1 or num_completions % group_size:
+        raise ValueError(f"{num_completions} completions is not a multiple of group_size={group_size}.")
+    grouped = rewards_per_func.reshape(-1, group_size, num_funcs)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = nan_std(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    normalised = ((grouped - mean) / (std + eps)).reshape(-1, num_funcs)
+    summed = (normalised * weights.to(normalised).unsqueeze(0)).nansum(dim=1)
+    return summed.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
+
+
+def decoupled_group_advantages(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = ADVANTAGE_EPS
+) -> torch.Tensor:
+    """Reward-decoupled GDPO's advantages (arXiv 2601.05242, eq. 6): `decoupled_group_rewards` whitened over the
+    whole batch, `(s - mean) / (std + eps)` (NaN-aware, Bessel-corrected, `eps = 1e-4`; std 0 when N = 1), as TRL
+    1.16's `normalize_then_sum`. Unscorable samples (all K rewards NaN) get 0. `rewards_per_func` `[N, K]`,
+    `weights` `[K]`; returns `[N]`."""
+    summed = decoupled_group_rewards(rewards_per_func, weights, group_size, eps)
+    std = nan_std(summed) if summed.numel() > 1 else torch.zeros((), dtype=summed.dtype, device=summed.device)
+    return torch.nan_to_num((summed - torch.nanmean(summed)) / (std + eps), nan=0.0)
+
+
+def log_importance_weights(
+    logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """`log ρ`, the log importance ratio of the current policy to the sampling one, at TRL 1.16's
+    `importance_sampling_level`:
+    `"token"`: `logp_t - old_t`, `[N, T]` (PPO / GRPO; not masked, the loss's aggregation masks it);
+    `"sequence"`: GSPO (arXiv 2507.18071, eq. 7), `log (π/π_old)^(1/|y|) = Σ_t mask (logp_t - old_t) / max(|y|, 1)`,
+    the per-sequence mean, `[N, 1]`;
+    `"sequence_sum"`: the whole sequence's ratio `Σ_t mask (logp_t - old_t)`, `[N, 1]` (TRL's `RLOOTrainer`, which
+    clips the sequence-level ratio π(y)/π_old(y)).
+    Inputs `[N, T]`."""
+    log_ratio = logps - old_logps
+    if level == "token":
+        return log_ratio
+    mask = mask.to(log_ratio.dtype)
+    if level == "sequence":
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if level == "sequence_sum":
+        return (log_ratio * mask).sum(-1, keepdim=True)
+    raise ValueError(f"Unknown importance sampling level {level!r}; expected one of {IMPORTANCE_SAMPLING_LEVELS}.")
+
+
+def _as_column(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`[N]` advantages → `[N, 1]` when the ratios are 2-D (TRL's conditional `unsqueeze(1)`)."""
+    return advantages.unsqueeze(1) if advantages.dim() == 1 and like.dim() == 2 else advantages
+
+
+def clipped_surrogate_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None = None,
+) -> torch.Tensor:
+    """PPO's clipped surrogate (arXiv 1707.06347, eq. 7) as GRPO uses it per token (arXiv 2402.03300, eq. 3), with
+    DAPO's decoupled clip range (arXiv 2503.14476, eq. 10): `-min(ρA, clip(ρ, 1 - ε_low, 1 + ε_high) A)`,
+    `ρ = exp(log_ratio)`. `delta` (TRL's, INTELLECT-2 arXiv 2505.07291) additionally caps the unclipped `ρ` at
+    `delta`. `log_ratio` `[N, T]` (token level) or `[N, 1]` (sequence level, `log_importance_weights`);
+    `advantages` `[N]` (made `[N, 1]`) or `[N, T]`. Returns the broadcast shape, e.g. `[N, T]`; aggregate with
+    `aggregate_token_loss`."""
+    advantages = _as_column(advantages, log_ratio)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
+def clip_fractions(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> dict[str, torch.Tensor]:
+    """What TRL 1.16 logs as `clip_ratio/*`: a token is low-clipped when `ρ < 1 - ε_low` and `A < 0`, high-clipped
+    when `ρ > 1 + ε_high` and `A > 0` (the clip is active in the min), region-clipped when either.
+    Returns `low_mean`, `high_mean`, `region_mean` (scalars: fractions over the masked-in tokens; over the N
+    sequences when `log_ratio` is `[N, 1]`, as TRL) and `low_per_seq`, `high_per_seq` (`[N]`: each sequence's
+    fraction, NaN for a row with no tokens; TRL logs the min of the first and the max of the second over all
+    processes). Across processes TRL sums numerators and counts before dividing; these are one process's values."""
+    advantages = _as_column(advantages, log_ratio)
+    ratio = torch.exp(log_ratio)
+    low = ((ratio < 1 - epsilon_low) & (advantages < 0)).to(ratio.dtype)
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(ratio.dtype)
+    region = torch.maximum(low, high)
+    if low.dim() == 2 and low.shape[1] == 1:
+        out = {"low_mean": low.mean(), "high_mean": high.mean(), "region_mean": region.mean()}
+        out.update(low_per_seq=low.squeeze(1), high_per_seq=high.squeeze(1))
+        return out
+    mask = mask.to(ratio.dtype)
+    out = {name: masked_mean(x, mask) for name, x in (("low_mean", low), ("high_mean", high), ("region_mean", region))}
+    out["low_per_seq"] = (low * mask).sum(-1) / mask.sum(-1)
+    out["high_per_seq"] = (high * mask).sum(-1) / mask.sum(-1)
+    return out
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate of KL(π ‖ π_ref) (Schulman 2020, "k3"; GRPO arXiv 2402.03300, eq. 4, as TRL):
+    `exp(ref - logp) - (ref - logp) - 1` ≥ 0, unbiased for samples from π. Any shape; returns the same shape."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def aggregate_token_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    max_completion_length: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    gradient_accumulation_steps: int = 1,
+    num_processes: int = 1,
+    steps_per_generation: int | None = None,
+) -> torch.Tensor:
+    """Reduces `per_token_loss` (`[N, T]`, or `[N, 1]` broadcast over the mask) over this micro-batch to the scalar
+    TRL 1.16's `GRPOTrainer._compute_loss` returns for its `loss_type`, with `S = Σ mask · loss` and `n = Σ mask`:
+
+    - `"grpo"` (arXiv 2402.03300, eq. 3): `mean_i [Σ_t mask loss / max(|y_i|, 1)] / GA` (a row with no token counts
+      as 0 and still counts in the mean);
+    - `"bnpo"`: `S / max(n, 1) / GA` (this micro-batch's tokens only);
+    - `"dr_grpo"` (arXiv 2503.20783): `S / (N · max_completion_length) / GA`, `N` the micro-batch's rows;
+    - `"dapo"` (arXiv 2503.14476, eq. 8): `S / [max(num_items_in_batch, 1) / num_processes · GA / spg]`, where
+      `num_items_in_batch` is the completion-token count of the whole generation batch summed over every process
+      (TRL gathers it when generating), `spg` = `steps_per_generation` (default: GA).
+
+    `GA` = `gradient_accumulation_steps`: in training pass TRL's `current_gradient_accumulation_steps` (the loss is
+    returned already scaled for accumulation, TRL's `loss_is_scaled_for_ga = True`); in evaluation pass 1 (and
+    `steps_per_generation=1`). With the default 1 the un-scaled loss (TRL's logged `policy_loss`) comes back. For
+    `"dapo"` the micro-batch losses of one optimizer step, summed over accumulation and averaged over processes (as
+    DDP does with gradients), add up to `Σ_{all tokens} loss / num_items_in_batch` when spg = GA: the token mean over
+    the whole generation batch. TRL's `sapo` aggregates as `"grpo"`, `cispo`/`vespo` as `"dapo"`."""
+    mask = mask.to(per_token_loss.dtype)
+    total = (per_token_loss * mask).sum()
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = total / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError('loss_type="dr_grpo" needs max_completion_length.')
+        loss = total / (per_token_loss.shape[0] * max_completion_length)
+    elif loss_type == "dapo":
+        if num_items_in_batch is None:
+            raise ValueError('loss_type="dapo" needs num_items_in_batch (the generation batch\'s token count).')
+        count = torch.as_tensor(num_items_in_batch, dtype=per_token_loss.dtype, device=per_token_loss.device)
+        spg = gradient_accumulation_steps if steps_per_generation is None else steps_per_generation
+        return total / (count.clamp(min=1.0) / num_processes * gradient_accumulation_steps / spg)
+    else:
+        raise ValueError(f"Unknown policy-gradient loss_type {loss_type!r}; expected one of {PG_LOSS_TYPES}.")
+    return loss / gradient_accumulation_steps

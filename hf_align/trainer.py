@@ -135,6 +135,10 @@ class AlignTrainer(Trainer):
         if gathered.numel():
             self._metrics[self.mode][name].append(getattr(gathered, reduction)().item())
 
+    def record_value(self, name: str, value: float) -> None:
+        """Records a number computed from values already gathered from every process (the same on each)."""
+        self._metrics[self.mode][name].append(float(value))
+
     def record_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Records `sum(values * mask) / sum(mask)` over every process (a token-weighted mean)."""
         totals = torch.stack([(values.detach().float() * mask).sum(), mask.sum().float()])
@@ -200,24 +204,29 @@ class AlignTrainer(Trainer):
     # -- reference model -------------------------------------------------------------------------------------------
     # For trainers scored against a frozen reference, whose Config has `precompute_ref_log_probs` and
     # `precompute_ref_batch_size`; `compute(batch) -> {column: Tensor[rows]}` scores a collated batch with it.
-    def setup_reference(self, ref_model, compute) -> None:
-        """Sets `self.ref_model`: `ref_model` (a model, or an id / path to load), frozen; else None when the policy is
-        a peft model (its adapter is disabled instead) or when reference log-probs are precomputed; else a frozen
-        in-memory copy of the policy. With `precompute_ref_log_probs`, then adds `compute`'s columns to the train and
-        eval datasets, before the first update (the policy is still the reference then)."""
+    def build_reference(self, ref_model, copy_policy: bool = True):
+        """The reference model: `ref_model` (a model, or an id / path to load), frozen and prepared; else, with
+        `copy_policy` and a policy that is not a peft model (whose adapter is disabled instead), a frozen in-memory
+        copy of the policy; else None."""
         if ref_model is not None and any(ref_model is m for m in (self.model, models.unwrap_causal_lm(self.model))):
             raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
         if isinstance(ref_model, str):
             ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
-        precompute = self.args.precompute_ref_log_probs
-        if ref_model is None and not models.is_peft_model(self.model) and not precompute:
+        if ref_model is None and copy_policy and not models.is_peft_model(self.model):
             ref_model = models.frozen_copy(self.model)
-        if ref_model is not None:
-            models.freeze(ref_model)
-            if self.args.disable_dropout:
-                models.disable_dropout(ref_model)
-            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        self.ref_model = ref_model
+        if ref_model is None:
+            return None
+        models.freeze(ref_model)
+        if self.args.disable_dropout:
+            models.disable_dropout(ref_model)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def setup_reference(self, ref_model, compute) -> None:
+        """Sets `self.ref_model` (`build_reference`; no copy of the policy when reference log-probs are precomputed).
+        With `precompute_ref_log_probs`, then adds `compute`'s columns to the train and eval datasets, before the
+        first update (the policy is still the reference then)."""
+        precompute = self.args.precompute_ref_log_probs
+        self.ref_model = self.build_reference(ref_model, copy_policy=not precompute)
         if not precompute:
             return
         train_batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size

@@ -12,17 +12,19 @@ over candidate beliefs, the member's belief `b`, and a preference pair of respon
 
 with `q_θ(b_k|x) ∝ π(b_k|x)` normalised over the row's candidates.
 
-Sources: the paper's full text could not be read here; the objective follows its abstract ("calibrates a language
-model using statistical estimation of the group's belief distribution and aligns the model with belief-conditioned
-preferences", a KL calibration term plus belief-conditioned DPO) and the authors' released code (github.com/
-BigBinnie/GDPO, the "mpo" loss: `KL + DPO - mean log π(belief tokens)`, each weight 1, β = 0.1). As there, the DPO
-term scores only the response tokens (the belief is part of its prompt, and chosen and rejected share it) and the
-reference enters only the DPO term. Where this differs: in the authors' code a belief is a numbered survey option
-and the calibration reads the probability of its number (one token) under the full-vocabulary softmax, without
-renormalising over the options; here a belief is any string, its probability is that of all its tokens, and `q` is
-renormalised over the candidates (see `losses.belief_calibration_kl`). A belief is scored as the continuation of
-the prompt (no end token), so candidates must be self-delimiting: none may be a prefix of another (end them with a
-separator such as "." or "\\n").
+Sources: only the paper's abstract, its Figure 1 caption and its reviews could be read here, not its method
+section; the objective follows the authors' released code (github.com/BigBinnie/GDPO, `trainers.py`, loss "mpo"; the
+released `run_gdpo.sh` passes `loss=dpo`, which trains their DPO baseline): KL(p* ‖ the model's belief distribution)
++ DPO on the responses given the belief + the mean NLL of the belief's tokens, each with weight 1, β = 0.1, trained
+jointly in one stage after SFT. As there, the DPO term scores only the response tokens (the belief is part of its
+prompt, and chosen and rejected share it) and the reference enters only the DPO term. Where this differs: the
+authors' belief is a numbered survey option whose single digit token is scored under the full-vocabulary softmax,
+not renormalised over the options in the training loss (their reported Jensen-Shannon distance does renormalise).
+Here a belief is any string, its probability is that of all its tokens, and `q` is renormalised over the row's
+candidates in the loss and in the logged `belief/js_distance` alike (see `losses.belief_calibration_kl`); the
+preference term may be any DPO `loss_type` (the authors' code also pairs the two belief terms with KTO). A belief is
+scored as the continuation of the prompt (no end token), so candidates must be self-delimiting: none may be a prefix
+of another (end them with a separator such as "." or "\\n").
 """
 
 from __future__ import annotations

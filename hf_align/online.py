@@ -1,0 +1,293 @@
+"""What every online trainer shares (GRPO and its family, Online DPO): prompts in, completions sampled from the
+policy in groups, scored by reward functions / reward models, and each generation batch served as several
+optimisation steps. Subclasses implement `compute_advantages` (or override `score_rollout`) and `compute_loss`.
+
+The batch arithmetic is TRL's (GRPOConfig): the dataloader yields one *generation batch* per process,
+`per_device_train_batch_size × steps_per_generation` rows (each prompt `num_generations` times, from
+`rollout.GroupSampler`); it is sampled and scored once, shuffled, split into `steps_per_generation` micro-batches, and
+reused `num_iterations` times. Rewards are gathered from every process so that groups split across processes are
+normalised whole; each process keeps its own rows' advantages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import gather, gather_object
+
+from . import data, losses, models
+from .config import AlignConfig
+from .generation import SamplingConfig
+from .rewards import RewardScorer
+from .rollout import GroupSampler, completion_token_logprobs, sample_rollout, shuffle_rollout, split_rollout
+from .trainer import AlignTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig(AlignConfig):
+    """Fields every online trainer shares, with TRL's GRPOConfig names and defaults (except `max_completion_length`,
+    see below). `per_device_train_batch_size` counts completions, not prompts: with the defaults a generation batch
+    holds `per_device_train_batch_size × num_processes × gradient_accumulation_steps` completions, which must be a
+    multiple of `num_generations`."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's default)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group size G)."})
+    num_generations_eval: int | None = field(
+        default=None, metadata={"help": "Completions per prompt during evaluation (default: num_generations)."}
+    )
+    max_completion_length: int = field(default=512, metadata={"help": "Most tokens of a sampled completion."})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Draw prompts in a random order (seeded)."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Completions per generation batch, all processes (exclusive with the next)."}
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation batch (default: gradient_accumulation_steps)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient against the reference; 0 builds no reference at all."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each generation batch (μ)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping range ε of the importance ratio."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clipping range (default: epsilon; DAPO recommends 0.28)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default: 1 each)."}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Leave completions that hit max_completion_length out of the loss."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (a group to compare within), got "
+                             f"{self.num_generations}.")
+        self.num_generations_eval = self.num_generations_eval or self.num_generations
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("Set generation_batch_size or steps_per_generation, not both.")
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % global_batch:
+                raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of the "
+                                 f"global batch size ({global_batch} = per_device_train_batch_size × processes).")
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        else:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"The generation batch ({self.generation_batch_size} completions = per_device_train_batch_size × "
+                f"processes × steps_per_generation) must be a multiple of num_generations ({self.num_generations}), "
+                "so that it holds whole groups."
+            )
+        eval_batch = self.per_device_eval_batch_size * self.world_size
+        if self.eval_strategy != "no" and eval_batch % self.num_generations_eval:
+            raise ValueError(f"The global eval batch ({eval_batch}) must be a multiple of num_generations_eval "
+                             f"({self.num_generations_eval}).")
+
+
+@dataclass
+class DataCollatorForPrompts:
+    """Keeps a batch as its list of rows: the prompt and every other column, which reward functions receive."""
+
+    def __call__(self, examples: list[dict]) -> list[dict]:
+        return list(examples)
+
+
+class OnlineTrainer(AlignTrainer):
+    """The constructor of TRL's GRPOTrainer / RLOOTrainer, the generation-batch loop, reward scoring, the reference
+    (none with `beta=0`; the adapter disabled under peft; else a frozen copy) and the generation metrics."""
+
+    config_class = OnlineConfig
+    dataset_columns = ("prompt",)
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: OnlineConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
+            raise ValueError("`reward_funcs` is required: a reward function, a reward model (object or id), or a list.")
+        super().__init__(
+            model, args, None, train_dataset, eval_dataset, processing_class, None, callbacks, optimizers,
+            peft_config=peft_config, quantization_config=quantization_config,
+        )
+        self.reward_scorer = RewardScorer(
+            reward_funcs, self.args.reward_weights, reward_processing_classes,
+            model_init_kwargs=self.args.model_init_kwargs, device=self.accelerator.device,
+        )
+        self.ref_model = self.build_reference(None) if self.args.beta != 0 else None
+        self._step = 0  # micro-steps taken, as TRL counts them (for the generation cadence)
+        self._buffered_rollouts: list[dict] | None = None
+        self._warned_ties = False
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, name, args):
+        """Checks that every row has a non-empty `prompt` (string or message list); all columns are kept for the
+        reward functions."""
+        if not hasattr(dataset, "__len__"):
+            raise ValueError(f"The {name} dataset must be a `datasets.Dataset` (with a length), not a stream.")
+        data.check_columns(dataset, name, ["prompt"])
+        data.check_rows(dataset, name, ("prompt",), args.dataset_num_proc)
+        return dataset
+
+    def default_collator(self, args):
+        return DataCollatorForPrompts()
+
+    def _get_train_sampler(self, dataset=None):
+        dataset = self.train_dataset if dataset is None else dataset
+        return GroupSampler(
+            len(dataset), self.args.num_generations, self.args.generation_batch_size // self.args.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset, seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        return GroupSampler(len(eval_dataset), self.args.num_generations_eval, shuffle=False)
+
+    def get_train_dataloader(self):
+        # One generation batch per process per dataloader step: `steps_per_generation` micro-batches' worth of rows.
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler, is_training=True,
+        )
+
+    # -- the generation-batch loop ---------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return loss
+
+    def _prepare_inputs(self, rows: list[dict]) -> dict:
+        if not self.model.training:
+            return self.score_rollout(rows)
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffered_rollouts is None:
+            rollout = shuffle_rollout(self.score_rollout(rows))
+            self._buffered_rollouts = split_rollout(rollout, self.args.steps_per_generation)
+        return self._buffered_rollouts[self._step % self.args.steps_per_generation]
+
+    @property
+    def group_size(self) -> int:
+        return self.args.num_generations if self.model.training else self.args.num_generations_eval
+
+    def sampling_config(self, num_rows: int) -> SamplingConfig:
+        args = self.args
+        return SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, batch_size=max(num_rows, 1))
+
+    def score_rollout(self, rows: list[dict]) -> dict:
+        """Samples one completion per row (the rows hold each prompt `group_size` times), computes what the loss
+        needs (old log-probs when the policy changes before the rollout is used up, reference log-probs with
+        `beta != 0`), scores the completions and sets this process's `advantages`."""
+        device = self.accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        rollout, sampled, is_truncated = sample_rollout(
+            self.model, self.tokenizer, prompts, self.sampling_config(len(prompts)),
+            mask_truncated=self.args.mask_truncated_completions, device=device,
+        )
+        self.record_generation_metrics(rollout, sampled.lengths.to(device), is_truncated)
+        rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
+        with torch.no_grad():
+            if self.needs_old_logps():
+                rollout["old_logps"] = self.token_logps(self.model, rollout)
+            if self.args.beta != 0:
+                with models.reference_model(self.model, self.ref_model) as reference:
+                    rollout["ref_logps"] = self.token_logps(reference, rollout)
+
+        conversational = data.is_conversational_row({"prompt": prompts[0]}, ["prompt"])
+        completions = [[{"role": "assistant", "content": text}] for text in sampled.texts] if conversational \
+            else sampled.texts
+        completion_ids = [ids[:length].tolist() for ids, length in zip(sampled.completion_ids, sampled.lengths)]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        rewards_per_func = self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
+        rewards_per_func = gather(rewards_per_func.to(device))
+        self.record_reward_metrics(rewards_per_func)
+        self.record_logged_metrics()
+        advantages = self.compute_advantages(rewards_per_func, rollout)
+        process = self.accelerator.process_index
+        rollout["advantages"] = advantages[process * len(rows) : (process + 1) * len(rows)]
+        return rollout
+
+    def needs_old_logps(self) -> bool:
+        """Whether the loss needs the sampling policy's log-probs: only when an optimizer step falls between sampling
+        and the rollout's last use (otherwise the ratio is 1 and the loss uses the detached current log-probs)."""
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        return self.model.training and self.args.gradient_accumulation_steps % generate_every != 0
+
+    def token_logps(self, model, rollout: dict) -> torch.Tensor:
+        """Per-token log-probs `[N, C]` of the rollout's completions under `model`, without gradients, one
+        micro-batch of rows at a time."""
+        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        return completion_token_logprobs(model, rollout, temperature=self.args.temperature,
+                                         batch_size=batch_size).token_logps
+
+    def compute_advantages(self, rewards_per_func: torch.Tensor, rollout: dict) -> torch.Tensor:
+        """Advantages of every process's completions from the gathered rewards `[N_all, F]` (NaN: a function did
+        not apply); returns `[N_all]` (or `[N_all, C]`), in the gathered order."""
+        raise NotImplementedError
+
+    # -- metrics ---------------------------------------------------------------------------------------------------
+    def record_generation_metrics(self, rollout: dict, lengths: torch.Tensor, is_truncated: torch.Tensor) -> None:
+        """TRL's `completions/*` metrics over every process, and the token count."""
+        self.record_tokens(torch.cat([rollout["prompt_mask"], (lengths[:, None] > torch.arange(
+            rollout["completion_ids"].size(1), device=lengths.device)).long()], dim=1))
+        lengths = gather(lengths.float())
+        truncated = gather(is_truncated)
+        self.record_value("completions/mean_length", lengths.mean())
+        self.record_value("completions/min_length", lengths.min())
+        self.record_value("completions/max_length", lengths.max())
+        self.record_value("completions/clipped_ratio", truncated.float().mean())
+        terminated = lengths[~truncated] if (~truncated).any() else lengths.new_zeros(1)
+        self.record_value("completions/mean_terminated_length", terminated.mean())
+        self.record_value("completions/min_terminated_length", terminated.min())
+        self.record_value("completions/max_terminated_length", terminated.max())
+
+    def record_reward_metrics(self, rewards_per_func: torch.Tensor) -> None:
+        """`rewards/<name>/mean|std`, `reward` and `reward_std` (of the weighted sum) over every process."""
+        for key, value in self.reward_scorer.metrics(rewards_per_func).items():
+            self.record_value(key, value)
+        rewards = self.reward_scorer.combine(rewards_per_func)
+        self.record_value("reward", torch.nanmean(rewards))
+        self.record_value("reward_std", losses.nan_std(rewards))
+
+    def record_logged_metrics(self) -> None:
+        """What reward functions logged through `log_metric(name, value)`: each name's mean over every process (the
+        completions table that `log_extra` feeds is not kept)."""
+        _, logged = self.reward_scorer.pop_logs()
+        for name in sorted(set(gather_object(list(logged)))):
+            self.record_sum(name, torch.tensor(logged.get(name, []), dtype=torch.float32, device=self.accelerator.device))
+
+    def record_zero_std_groups(self, is_zero_std: torch.Tensor) -> None:
+        """`frac_reward_zero_std`, and a warning the first time every group of a training batch ties: their
+        advantages are all 0 and the batch teaches nothing (the "GRPO loss is 0" trap)."""
+        self.record_value("frac_reward_zero_std", is_zero_std.float().mean())
+        if self.model.training and bool(is_zero_std.all()) and not self._warned_ties:
+            self._warned_ties = True
+            logger.warning(
+                "Every group of completions in this generation batch got equal rewards, so every advantage is 0 and "
+                "the step has no policy gradient (the loss is only the KL term, if any). If it keeps happening, the "
+                "reward is too coarse or the task too hard or too easy for the model: add a graded or format reward, "
+                "raise num_generations or temperature, or pick easier prompts. `frac_reward_zero_std` tracks it."
+            )
+

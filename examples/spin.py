@@ -15,12 +15,10 @@ responses stop being more likely to it than the data. Writes the model, its card
 --output_dir (default outputs/spin).
 """
 
-import os
 import sys
 
-from hf_align import SFTConfig, SFTTrainer, SPINTrainer
-from hf_align.defaults import DEFAULT_MODEL_NAME, load_default_dataset
-from hf_align.scripts import run
+from hf_align import SPINTrainer
+from hf_align.scripts import run, sft_warm_start
 
 # For the embedded tiny model only (after its SFT warm-up): greedy responses, one epoch a round at a small learning
 # rate, so that each round moves the model a little (larger steps overshoot on this tiny model).
@@ -28,18 +26,6 @@ EMBEDDED_DEFAULTS = dict(
     num_rounds=3, max_new_tokens=32, temperature=0.0, learning_rate=1e-5, warmup_steps=0.0, num_train_epochs=1,
     per_device_train_batch_size=8, logging_steps=10, eval_strategy="epoch", save_strategy="no", report_to="none",
 )
-
-
-def sft_start(output_dir: str = "outputs/spin-sft-start") -> str:
-    """The embedded tiny model fine-tuned on the embedded SFT data (built once)."""
-    if not os.path.isfile(os.path.join(output_dir, "model.safetensors")):
-        args = SFTConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=6, per_device_train_batch_size=16,
-                         lr_scheduler_type="constant", logging_steps=50, save_strategy="no", report_to="none")
-        trainer = SFTTrainer(DEFAULT_MODEL_NAME, args=args, train_dataset=load_default_dataset("sft"))
-        trainer.train()
-        trainer.save_model(output_dir)
-        trainer.processing_class.save_pretrained(output_dir)
-    return output_dir
 
 
 def print_rounds(round_history: list[dict]) -> None:
@@ -55,7 +41,8 @@ if __name__ == "__main__":
     if not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
         # The embedded defaults, as flags: the SFT'd tiny model is a local folder, not the default's name.
         flags = [f"--{key}={value}" for key, value in EMBEDDED_DEFAULTS.items()]
-        argv = ["--model_name_or_path", sft_start(), *flags, *argv]
+        argv = ["--model_name_or_path", sft_warm_start("sft", "outputs/spin-sft-start", learning_rate=1e-3,
+                                                          num_train_epochs=6), *flags, *argv]
     trainer = run(SPINTrainer, "sft", EMBEDDED_DEFAULTS, argv)
     if trainer.is_world_process_zero():
         print_rounds(trainer.round_history)

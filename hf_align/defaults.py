@@ -43,7 +43,7 @@ _TOKENIZER_DATASET_NAMES = (
     "unpaired_preference",
     "prompts",
 )
-_DATASET_NAMES = _TOKENIZER_DATASET_NAMES + ("belief_preference", "step_preference")
+_DATASET_NAMES = _TOKENIZER_DATASET_NAMES + ("belief_preference", "step_preference", "comparisons")
 _SPLITS = ("train", "test")
 
 EOS_TOKEN = "<|endoftext|>"
@@ -88,7 +88,8 @@ def load_default_dataset(name: str, split: str = "train"):
     "sft" (prompt/completion), "sft_conversational" (messages), "unpaired_preference" (prompt/completion/label, KTO),
     "prompts" (arithmetic prompt/answer, for RL), "belief_preference" (prompt/beliefs/belief_distribution/belief/
     chosen/rejected, distributional GDPO) or "step_preference" (prompt/initial_reason_steps/chosen/rejected,
-    step-wise DPO). `split`: "train" or "test"; their prompts never overlap.
+    step-wise DPO) or "comparisons" (prompt/answer, "Which is larger, a or b?", the verifiable task of the RLVR
+    examples). `split`: "train" or "test"; their prompts never overlap.
     """
     from datasets import Dataset
 

@@ -596,3 +596,13 @@ def aggregate_token_loss(
     else:
         raise ValueError(f"Unknown policy-gradient loss_type {loss_type!r}; expected one of {PG_LOSS_TYPES}.")
     return loss / gradient_accumulation_steps
+
+
+def reinforce_loss(token_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with a baseline (Williams 1992, "Simple statistical gradient-following algorithms for connectionist
+    reinforcement learning"): `mean_i [-Σ_t mask_i,t A_i,t log π(a_i,t)]`, `A_i,t = G_i,t - b_i`, whose
+    gradient is the policy-gradient estimate averaged over the N sequences (summed over each sequence's tokens).
+    There is no importance ratio: valid only on the samples of the current policy. `token_logps`, `mask` `[N, T]`;
+    `advantages` `[N, T]` (per token) or `[N]` (one per sequence); returns a scalar."""
+    advantages = _as_column(advantages, token_logps)
+    return -(advantages * token_logps * mask.to(token_logps.dtype)).sum(-1).mean()

@@ -15,7 +15,9 @@ from . import defaults
 
 logger = logging.getLogger(__name__)
 
-PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "mean_token_accuracy", "eval_loss")
+PLOTTED_METRICS = (
+    "loss", "rewards/margins", "rewards/accuracies", "accuracy", "mean_token_accuracy", "eval_loss", "reward",
+)
 
 
 @dataclass
@@ -101,11 +103,13 @@ def plot_metrics(log_history: list[dict], path: str) -> str | None:
     return path
 
 
-def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list[str] | None = None):
+def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list[str] | None = None,
+        trainer_kwargs=None):
     """Runs an example: `trainer_class` with its `config_class`, on `default_dataset` (an embedded dataset name)
     unless `--dataset_name` is given. `embedded_defaults` are Config values for the embedded tiny model (a higher
     learning rate, a few hundred steps); they apply only to that model and only to fields not given on the command
-    line. Returns the trained trainer."""
+    line. `trainer_kwargs(train_dataset) -> dict`: further constructor arguments (e.g. the online trainers'
+    `reward_funcs`, see `verifier_rewards`). Returns the trained trainer."""
     argv = sys.argv[1:] if argv is None else argv
     config_class = trainer_class.config_class
     parser = HfArgumentParser((ScriptArguments, config_class))
@@ -117,9 +121,10 @@ def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list
     train_dataset, eval_dataset = load_data(script_args, default_dataset)
     if config.eval_strategy == "no":
         eval_dataset = None
+    extra = trainer_kwargs(train_dataset) if trainer_kwargs is not None else {}
     trainer = trainer_class(
         script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        **peft_arguments(script_args),
+        **peft_arguments(script_args), **extra,
     )
     trainer.train()
     trainer.save_model(config.output_dir)
@@ -130,3 +135,62 @@ def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
+
+
+def verifier_rewards(dataset) -> dict:
+    """`{"reward_funcs": [...]}` for an online trainer on a dataset with a verifiable answer (RLVR): math answer
+    equivalence on a `solution` column (TRL's convention), test cases run in a sandbox on a `tests` column, exact match
+    of the final answer on an `answer` column. Raises when the dataset has none of them."""
+    from . import verifiers
+
+    columns = dataset.column_names
+    if "solution" in columns:
+        return {"reward_funcs": [verifiers.accuracy_reward]}
+    if "tests" in columns:
+        return {"reward_funcs": [verifiers.code_reward()]}
+    if "answer" in columns:
+        return {"reward_funcs": [verifiers.exact_match_reward()]}
+    raise ValueError(
+        f"The dataset's columns {columns} hold no verifiable answer: the example needs a 'solution' (math), 'tests' "
+        "(code) or 'answer' (exact match) column. Rename yours, or pass your own reward functions in Python."
+    )
+
+
+def sft_warm_start(dataset_name: str, output_dir: str, **config) -> str:
+    """The embedded tiny model (random weights) fine-tuned on the embedded dataset `dataset_name` (prompt / answer
+    or prompt / completion rows), saved to `output_dir` once and reused: the starting point of the examples whose
+    methods begin from an SFT model (SPIN, RLVR). `config`: `SFTConfig` fields. Returns `output_dir`."""
+    from datasets import Dataset
+
+    from .trainers.sft import SFTConfig, SFTTrainer
+
+    if os.path.isfile(os.path.join(output_dir, "model.safetensors")):
+        return output_dir
+    rows = defaults.load_default_dataset(dataset_name)
+    if "answer" in rows.column_names:
+        rows = Dataset.from_dict({"prompt": rows["prompt"], "completion": [" " + a for a in rows["answer"]]})
+    settings = dict(lr_scheduler_type="constant", per_device_train_batch_size=16, logging_steps=50,
+                    save_strategy="no", report_to="none", seed=0)
+    args = SFTConfig(output_dir=output_dir, **{**settings, **config})
+    trainer = SFTTrainer(defaults.DEFAULT_MODEL_NAME, args=args, train_dataset=rows)
+    trainer.train()
+    trainer.save_model(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+    return output_dir
+
+
+def verifier_accuracy(model, tokenizer, dataset, reward, *, samples_per_prompt: int = 4, max_new_tokens: int = 8,
+                      temperature: float = 1.0, seed: int = 0) -> float:
+    """The mean reward of `reward` (a verifier: 1 correct, 0 wrong) over `samples_per_prompt` completions sampled for
+    each prompt of `dataset` (with its answer columns), reproducibly from `seed`: held-out accuracy for RLVR."""
+    from .generation import SamplingConfig, generate_completions
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                              num_generations=samples_per_prompt, batch_size=256, seed=seed)
+    completions = generate_completions(model, tokenizer, dataset["prompt"], sampling)
+    columns = {key: [value for value in dataset[key] for _ in range(samples_per_prompt)]
+               for key in dataset.column_names if key != "prompt"}
+    prompts = [prompt for prompt in dataset["prompt"] for _ in range(samples_per_prompt)]
+    scores = reward(prompts=prompts, completions=completions.texts, completion_ids=None, **columns)
+    return sum(scores) / len(scores)
+

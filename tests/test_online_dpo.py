@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_align.rollout
 from hf_align import DataError, data
 from hf_align.generation import Completions, SamplingConfig, encode_prompts, generate_completions
+from hf_align.rewards import RewardFunctionError, completion_text
 from hf_align.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from hf_align.verifiers import JudgeReward
 
@@ -181,7 +182,8 @@ class LongerTextJudge:
 
     def rank(self, prompts, completions_a, completions_b):
         self.calls.append((prompts, completions_a, completions_b))
-        return [0 if len(a) > len(b) else 1 for a, b in zip(completions_a, completions_b)]
+        return [0 if len(completion_text(a)) > len(completion_text(b)) else 1
+                for a, b in zip(completions_a, completions_b)]
 
 
 def test_reward_scores_rank_each_pair_ties_to_the_first_after_the_eos_penalty(
@@ -192,14 +194,14 @@ def test_reward_scores_rank_each_pair_ties_to_the_first_after_the_eos_penalty(
 
     dataset = _prompts(embedded_data, False)
     trainer = OnlineDPOTrainer(tiny_model_path, reward_funcs=score_by_sample, train_dataset=dataset,
-                               processing_class=tiny_tokenizer, args=_args(tmp_path, missing_eos_penalty=0.25))
+                               processing_class=tiny_tokenizer, args=_args(tmp_path, missing_eos_penalty=1.0))
     pairs = trainer.score_rollout(_pair_rows(dataset))
 
     stop_ids = hf_align.generation.stop_token_ids(trainer.model, tiny_tokenizer)
     samples = [[fake_completion(ids, g, stop_ids, False) for g in (0, 1)]
                for ids in encode_prompts(tiny_tokenizer, dataset["prompt"])]
     scores = torch.tensor([[float(int(a) % 3), 1.0] for a in dataset["answer"]])
-    scores -= torch.tensor([[0.0 if s[-1] in stop_ids else 0.25 for s in pair] for pair in samples])
+    scores -= torch.tensor([[0.0 if s[-1] in stop_ids else 1.0 for s in pair] for pair in samples])
     first_wins = scores[:, 0] >= scores[:, 1]
     assert 0 < int(first_wins.sum()) < len(dataset) and bool((scores[:, 0] == scores[:, 1]).any())
     assert pairs["completion_ids"].shape[:2] == pairs["ref_logps"].shape[:2] == (len(dataset), 2)
@@ -222,10 +224,10 @@ def test_a_pairwise_judge_picks_chosen_and_rejected(tiny_model_path, tiny_tokeni
 
     prompts, firsts, seconds = judge.calls[-1]
     assert prompts == list(dataset["prompt"])  # one call per batch: each pair's prompt once, in order
-    text = lambda messages: messages[0]["content"]  # noqa: E731 - conversational completions are message lists
-    preferred = [a if len(a) > len(b) else b for a, b in zip(map(text, firsts), map(text, seconds))]
-    other = [b if len(a) > len(b) else a for a, b in zip(map(text, firsts), map(text, seconds))]
-    assert 0 < sum(p == text(a) for p, a in zip(preferred, firsts)) < len(dataset)  # both orders occur
+    firsts, seconds = list(map(completion_text, firsts)), list(map(completion_text, seconds))
+    preferred = [a if len(a) > len(b) else b for a, b in zip(firsts, seconds)]
+    other = [b if len(a) > len(b) else a for a, b in zip(firsts, seconds)]
+    assert 0 < sum(p == a for p, a in zip(preferred, firsts)) < len(dataset)  # both orders occur
     assert _texts(tiny_tokenizer, pairs, 0) == preferred
     assert _texts(tiny_tokenizer, pairs, 1) == other
 

@@ -4,6 +4,7 @@ tiny model's weights are random), as the RLVR example does."""
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_align import GRPOConfig, GRPOTrainer
@@ -33,3 +34,52 @@ def test_grpo_with_a_verifier_raises_held_out_accuracy(hf_align_home, tmp_path):
     print(f"[rlvr] held-out accuracy {before:.3f} -> {after:.3f}; train reward by 20 steps {rewards}")
     assert after > before + 0.1
     assert rewards[-1] > rewards[0]
+
+
+def test_sandboxed_code_verifier_zeroes_hostile_code_and_training_continues(tiny_model_path, tiny_tokenizer,
+                                                                            monkeypatch, tmp_path):
+    """GRPO on a coding prompt whose sampled completions are an infinite loop, a fork bomb, a huge allocation and a
+    network call, next to correct solutions: each hostile one scores 0 within the verifier's time limit, the correct
+    ones 1, and the optimizer step is taken."""
+    import time
+
+    import torch
+    from datasets import Dataset
+
+    import hf_align.rollout
+    from hf_align.generation import Completions, encode_prompts
+    from hf_align.verifiers import code_reward
+
+    correct = "def add(a, b):\n    return a + b\n"
+    completions = [
+        "```python\ndef add(a, b):\n    while True:\n        pass\n```",
+        correct,
+        "import os\nwhile True:\n    os.fork()\n",
+        correct,
+        "blob = bytearray(10**11)\ndef add(a, b):\n    return a + b\n",
+        "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=30)\ndef add(a, b):\n    return a + b\n",
+    ]
+
+    def generate(model, tokenizer, prompts, sampling):
+        ids = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+               for text in completions[: len(prompts)]]
+        return Completions(encode_prompts(tokenizer, prompts), hf_align.data.pad(ids, tokenizer.pad_token_id),
+                           hf_align.data.pad([torch.ones_like(row) for row in ids], 0),
+                           tokenizer.batch_decode(ids, skip_special_tokens=True))
+
+    monkeypatch.setattr(hf_align.rollout, "generate_completions", generate)
+    dataset = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).\n", "tests": ["assert add(1, 2) == 3",
+                                  "assert add(-1, 1) == 0"]} for i in range(3)])
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=6, num_generations=2,
+                      max_completion_length=64, logging_steps=1, shuffle_dataset=False, report_to="none",
+                      save_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(tiny_model_path, code_reward(timeout_s=3.0, memory_mb=256), args=args,
+                          train_dataset=dataset, processing_class=tiny_tokenizer)
+    started = time.monotonic()
+    trainer.train()
+    elapsed = time.monotonic() - started
+
+    assert trainer.state.global_step == 1
+    logged = trainer.state.log_history[0]
+    assert logged["rewards/code_reward/mean"] == pytest.approx(2 / 6)  # the two correct solutions only
+    assert elapsed < 3.0 * 2 + 10  # the hostile samples run concurrently, each cut at its 3 s limit

@@ -9,19 +9,14 @@ The reward is a verifier picked from the dataset's columns (`hf_align.scripts.ve
 equivalence on `solution`, sandboxed test cases on `tests`, exact match on `answer`. Any `GRPOConfig` field is a flag
 (`--loss_type dr_grpo --scale_rewards none` for Dr. GRPO, `--importance_sampling_level sequence` for GSPO,
 `--epsilon_high 0.28 --mask_truncated_completions` for DAPO). On the embedded default the tiny model, which starts
-from random weights, is first fine-tuned for a few epochs on the training questions (into outputs/grpo-sft-start, so
-that it answers with a number, right about half of the time); the script prints its accuracy on the held-out
-questions before and after GRPO. Writes the model, its card and training_metrics.png to --output_dir (default
+from random weights, is first fine-tuned for a few epochs on the training questions (into
+outputs/rlvr-sft-start, so that it answers with a number, right about a third of the time); the script prints its
+accuracy on the held-out questions before and after GRPO. Writes the model, its card and training_metrics.png to --output_dir (default
 outputs/grpo).
 """
 
-import sys
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from hf_align import GRPOTrainer
-from hf_align.defaults import load_default_dataset
-from hf_align.scripts import run, sft_warm_start, verifier_accuracy, verifier_rewards
+from hf_align.scripts import run_rlvr
 
 # For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
 EMBEDDED_DEFAULTS = dict(
@@ -30,20 +25,5 @@ EMBEDDED_DEFAULTS = dict(
 )
 
 
-def held_out_accuracy(model, tokenizer) -> float:
-    test = load_default_dataset("comparisons", "test")
-    return verifier_accuracy(model, tokenizer, test, verifier_rewards(test)["reward_funcs"][0])
-
-
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    embedded = not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
-    if embedded:
-        start = sft_warm_start("comparisons", "outputs/grpo-sft-start", learning_rate=2e-3, num_train_epochs=5)
-        tokenizer = AutoTokenizer.from_pretrained(start)
-        before = held_out_accuracy(AutoModelForCausalLM.from_pretrained(start), tokenizer)
-        argv = ["--model_name_or_path", start, *[f"--{key}={value}" for key, value in EMBEDDED_DEFAULTS.items()], *argv]
-    trainer = run(GRPOTrainer, "comparisons", EMBEDDED_DEFAULTS, argv, trainer_kwargs=verifier_rewards)
-    if embedded and trainer.is_world_process_zero():
-        after = held_out_accuracy(trainer.model, tokenizer)
-        print(f"Held-out accuracy (4 samples per question, temperature 1): {before:.1%} before GRPO, {after:.1%} after")
+    run_rlvr(GRPOTrainer, EMBEDDED_DEFAULTS)

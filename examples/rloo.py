@@ -11,13 +11,8 @@ accuracy before and after on the embedded default. Writes the model, its card an
 --output_dir (default outputs/rloo).
 """
 
-import sys
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from hf_align import RLOOTrainer
-from hf_align.defaults import load_default_dataset
-from hf_align.scripts import run, sft_warm_start, verifier_accuracy, verifier_rewards
+from hf_align.scripts import run_rlvr
 
 # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
 # learning rate, no KL (the warm start is a weak reference).
@@ -27,20 +22,5 @@ EMBEDDED_DEFAULTS = dict(
 )
 
 
-def held_out_accuracy(model, tokenizer) -> float:
-    test = load_default_dataset("comparisons", "test")
-    return verifier_accuracy(model, tokenizer, test, verifier_rewards(test)["reward_funcs"][0])
-
-
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    embedded = not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
-    if embedded:
-        start = sft_warm_start("comparisons", "outputs/grpo-sft-start", learning_rate=2e-3, num_train_epochs=5)
-        tokenizer = AutoTokenizer.from_pretrained(start)
-        before = held_out_accuracy(AutoModelForCausalLM.from_pretrained(start), tokenizer)
-        argv = ["--model_name_or_path", start, *[f"--{key}={value}" for key, value in EMBEDDED_DEFAULTS.items()], *argv]
-    trainer = run(RLOOTrainer, "comparisons", EMBEDDED_DEFAULTS, argv, trainer_kwargs=verifier_rewards)
-    if embedded and trainer.is_world_process_zero():
-        after = held_out_accuracy(trainer.model, tokenizer)
-        print(f"Held-out accuracy (4 samples per question, temperature 1): {before:.1%} before RLOO, {after:.1%} after")
+    run_rlvr(RLOOTrainer, EMBEDDED_DEFAULTS)

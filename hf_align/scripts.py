@@ -194,3 +194,32 @@ def verifier_accuracy(model, tokenizer, dataset, reward, *, samples_per_prompt: 
     scores = reward(prompts=prompts, completions=completions.texts, completion_ids=None, **columns)
     return sum(scores) / len(scores)
 
+
+RLVR_DATASET = "comparisons"
+
+
+def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = None):
+    """Runs an online trainer's example with a verifier as the reward (`verifier_rewards`). With no
+    `--model_name_or_path`, on the embedded verifiable task: the tiny model, whose weights are random, is first
+    fine-tuned on the training questions (`sft_warm_start`, kept in outputs/rlvr-sft-start), `embedded_defaults` are
+    applied, and the held-out accuracy before and after training is printed. Returns the trained trainer."""
+    argv = sys.argv[1:] if argv is None else argv
+    embedded = not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
+    if embedded:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        start = sft_warm_start(RLVR_DATASET, "outputs/rlvr-sft-start", learning_rate=2e-3, num_train_epochs=5)
+        tokenizer = AutoTokenizer.from_pretrained(start)
+        test = defaults.load_default_dataset(RLVR_DATASET, "test")
+        verifier = verifier_rewards(test)["reward_funcs"][0]
+        before = verifier_accuracy(AutoModelForCausalLM.from_pretrained(start), tokenizer, test, verifier)
+        # The embedded defaults, as flags: the warm-started model is a local folder, not the default's name.
+        argv = ["--model_name_or_path", start, *[f"--{key}={value}" for key, value in embedded_defaults.items()],
+                *argv]
+    trainer = run(trainer_class, RLVR_DATASET, embedded_defaults, argv, trainer_kwargs=verifier_rewards)
+    if embedded and trainer.is_world_process_zero():
+        after = verifier_accuracy(trainer.model, tokenizer, test, verifier)
+        print(f"Held-out accuracy (4 samples per question, temperature 1): {before:.1%} before "
+              f"{trainer.algorithm}, {after:.1%} after")
+    return trainer
+

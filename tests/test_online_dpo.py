@@ -253,3 +253,159 @@ def test_judge_reward_ranks_pairs_on_the_tiny_model(tiny_model_path, tiny_tokeni
     chosen = judge.scores(prompts, _texts(tiny_tokenizer, pairs, 0))
     rejected = judge.scores(prompts, _texts(tiny_tokenizer, pairs, 1))
     assert bool((chosen >= rejected - 1e-5).all()) and bool((chosen != rejected).any())
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+def brevity_reward(completions, **kwargs):
+    return [-float(len(c)) for c in completions]
+
+
+def verbosity_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _held_out_mean_length(model, tokenizer, prompts) -> float:
+    sampled = generate_completions(model, tokenizer, prompts,
+                                   SamplingConfig(max_new_tokens=12, temperature=0.9, num_generations=2, seed=0))
+    return sum(map(len, sampled.texts)) / len(sampled.texts)
+
+
+def test_learns_what_the_reward_prefers_on_held_out_prompts(tiny_model_path, tiny_tokenizer, embedded_data, tmp_path):
+    """Trained to prefer shorter completions, the tiny random model writes far shorter ones on held-out prompts;
+    trained to prefer longer ones (the control: same pairs, opposite ranking), it does not get shorter."""
+    start = time.perf_counter()
+    held_out = list(embedded_data("prompts", split="test")["prompt"])
+    initial = _held_out_mean_length(AutoModelForCausalLM.from_pretrained(tiny_model_path), tiny_tokenizer, held_out)
+    lengths = {}
+    for reward in (brevity_reward, verbosity_reward):
+        trainer = OnlineDPOTrainer(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path), reward_funcs=reward,
+            train_dataset=embedded_data("prompts"), processing_class=tiny_tokenizer,
+            args=_args(tmp_path, learning_rate=2e-2, max_steps=30, max_new_tokens=12, logging_steps=10),
+        )
+        trainer.train()
+        lengths[reward.__name__] = _held_out_mean_length(trainer.model, tiny_tokenizer, held_out)
+    assert lengths["brevity_reward"] < initial / 3, (initial, lengths)
+    assert lengths["verbosity_reward"] > initial * 0.9, (initial, lengths)
+    assert time.perf_counter() - start < 20
+
+
+# ------------------------------------------------------------------------------------------ reference, β, evaluation
+
+
+def test_an_explicit_ref_model_is_the_reference(tiny_model_path, tiny_tokenizer, embedded_data,
+                                                patch_hf_align_generation, tmp_path):
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        ref_model.lm_head.weight.mul_(1.5)  # tied to the embeddings: the reference now differs from the policy
+    trainer = OnlineDPOTrainer(tiny_model_path, ref_model, text_reward, train_dataset=_prompts(embedded_data, False),
+                               processing_class=tiny_tokenizer, args=_args(tmp_path))
+    assert trainer.ref_model is ref_model and not any(p.requires_grad for p in ref_model.parameters())
+    trainer.train()
+    # Before any update the policy is the model it was loaded as: against a copy of it, the KL would be 0.
+    assert abs(_logs(trainer)[0]["objective/kl"]) > 1e-2
+    with pytest.raises(ValueError, match="different objects"):
+        OnlineDPOTrainer(ref_model, ref_model, text_reward, train_dataset=_prompts(embedded_data, False),
+                         processing_class=tiny_tokenizer, args=_args(tmp_path))
+
+
+def test_peft_uses_the_model_without_its_adapter_as_reference(tiny_model_path, tiny_tokenizer, embedded_data,
+                                                              patch_hf_align_generation, tmp_path):
+    from peft import LoraConfig
+
+    trainer = OnlineDPOTrainer(tiny_model_path, reward_funcs=text_reward, train_dataset=_prompts(embedded_data, False),
+                               processing_class=tiny_tokenizer, args=_args(tmp_path, max_steps=2, learning_rate=5e-2),
+                               peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert trainer.ref_model is None
+    trainer.train()
+    first, second = _logs(trainer)
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # a fresh adapter changes nothing yet
+    assert abs(second["objective/kl"]) > 1e-4 and abs(second["rewards/margins"]) > 1e-5
+
+
+def test_a_list_of_betas_gives_one_per_epoch(tiny_model_path, tiny_tokenizer, embedded_data,
+                                             patch_hf_align_generation, tmp_path):
+    trainer = OnlineDPOTrainer(tiny_model_path, reward_funcs=text_reward, train_dataset=_prompts(embedded_data, False),
+                               processing_class=tiny_tokenizer, args=_args(tmp_path, max_steps=3, beta=[0.2, 0.05]))
+    trainer.train()
+    assert [log["beta"] for log in _logs(trainer)] == [0.2, 0.05, 0.05]
+    assert OnlineDPOConfig(output_dir=str(tmp_path), beta=[0.3], **QUIET).beta == 0.3  # one value: a float, as TRL
+
+
+def test_evaluate_logs_the_pair_metrics_on_eval_prompts(tiny_model_path, tiny_tokenizer, embedded_data,
+                                                        patch_hf_align_generation, tmp_path):
+    trainer = OnlineDPOTrainer(tiny_model_path, reward_funcs=text_reward, train_dataset=_prompts(embedded_data, False),
+                               eval_dataset=_prompts(embedded_data, False, n=6, split="test"),
+                               processing_class=tiny_tokenizer, args=_args(tmp_path, per_device_eval_batch_size=4))
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_rewards/margins", "eval_objective/scores", "eval_val/contain_eos_token"):
+        assert key in metrics
+    assert metrics["eval_loss"] == pytest.approx(0.6931, abs=1e-3)  # no update yet: h = 0, loss = log 2
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_ranking_needs_reward_functions_or_a_judge(tiny_model_path, tiny_tokenizer, embedded_data, tmp_path):
+    dataset, args = _prompts(embedded_data, False), _args(tmp_path)
+    build = lambda **kwargs: OnlineDPOTrainer(tiny_model_path, train_dataset=dataset,  # noqa: E731
+                                              processing_class=tiny_tokenizer, args=args, **kwargs)
+    with pytest.raises(ValueError, match="exactly one"):
+        build()
+    with pytest.raises(ValueError, match="exactly one"):
+        build(reward_funcs=text_reward, judge=LongerTextJudge())
+    with pytest.raises(TypeError, match="rank"):
+        build(judge=text_reward)
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        OnlineDPOTrainer(tiny_model_path, judge=LongerTextJudge(), train_dataset=dataset,
+                         processing_class=tiny_tokenizer, args=_args(tmp_path, missing_eos_penalty=1.0))
+    with pytest.raises(ValueError, match="data_collator"):
+        build(reward_funcs=text_reward, data_collator=lambda rows: rows)
+    with pytest.raises(DataError, match="prompt"):
+        OnlineDPOTrainer(tiny_model_path, reward_funcs=text_reward, processing_class=tiny_tokenizer, args=args,
+                         train_dataset=Dataset.from_dict({"question": ["What is 1 + 1?"]}))
+
+
+def test_a_judge_answering_out_of_range_is_named(tiny_model_path, tiny_tokenizer, embedded_data,
+                                                 patch_hf_align_generation, tmp_path):
+    class ConfusedJudge(LongerTextJudge):
+        __name__ = "confused_judge"
+
+        def rank(self, prompts, completions_a, completions_b):
+            return [2] * len(prompts)
+
+    dataset = _prompts(embedded_data, False)
+    trainer = OnlineDPOTrainer(tiny_model_path, judge=ConfusedJudge(), train_dataset=dataset,
+                               processing_class=tiny_tokenizer, args=_args(tmp_path))
+    with pytest.raises(RewardFunctionError, match="confused_judge") as raised:
+        trainer.train()
+    assert "one rank, 0 or 1, per pair" in str(raised.value.__cause__)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(loss_type="hinge"), "loss_type"),
+    (dict(per_device_train_batch_size=3), "even"),
+    (dict(num_generations=4), "exactly 2"),
+    (dict(beta=0.0), "beta"),
+    (dict(beta=[0.1, -0.1]), "beta"),
+    (dict(max_length=8, max_new_tokens=8), "max_length"),
+    (dict(max_completion_length=32), "max_new_tokens"),
+    (dict(missing_eos_penalty=-1.0), "missing_eos_penalty"),
+    (dict(mask_truncated_completions=True), "missing_eos_penalty"),
+])
+def test_bad_config_is_refused(settings, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        OnlineDPOConfig(output_dir=str(tmp_path), **{**QUIET, **settings})
+
+
+def test_defaults_are_trls(tmp_path):
+    ours = OnlineDPOConfig(output_dir=str(tmp_path), **QUIET)
+    theirs = trl_online_dpo.OnlineDPOConfig(output_dir=str(tmp_path), **QUIET)
+    for name in ("learning_rate", "max_new_tokens", "max_length", "temperature", "missing_eos_penalty", "beta",
+                 "loss_type", "top_p", "top_k", "disable_dropout", "reward_weights", "logging_steps"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    # Batch sizes count completions here, prompts in TRL: the same 8 prompts per device and step.
+    assert ours.per_device_train_batch_size == 2 * theirs.per_device_train_batch_size
+    assert ours.max_completion_length == ours.max_new_tokens

@@ -83,3 +83,17 @@ def test_sandboxed_code_verifier_zeroes_hostile_code_and_training_continues(tiny
     logged = trainer.state.log_history[0]
     assert logged["rewards/code_reward/mean"] == pytest.approx(2 / 6)  # the two correct solutions only
     assert elapsed < 3.0 * 2 + 10  # the hostile samples run concurrently, each cut at its 3 s limit
+
+
+def test_rlvr_example_path_runs_offline(tmp_path, monkeypatch):
+    """What `python examples/grpo.py` does with no arguments (warm start, verifier from the columns, training,
+    accuracy before and after), shortened to two steps."""
+    from hf_align.scripts import run_rlvr
+
+    monkeypatch.chdir(tmp_path)
+    trainer = run_rlvr(GRPOTrainer, dict(max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                                         max_completion_length=4, report_to="none", save_strategy="no"),
+                       argv=["--disable_tqdm=True"])
+    assert trainer.state.global_step == 2
+    assert trainer.reward_scorer.names == ["exact_match_reward"]
+    assert (tmp_path / "outputs" / "grpo" / "README.md").is_file()

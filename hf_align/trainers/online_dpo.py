@@ -291,7 +291,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         logps, ref_logps = policy.sum.view(-1, 2), ref_token_logps.sum(-1).view(-1, 2)
         chosen_logratios, rejected_logratios = (logps - ref_logps).unbind(-1)
         # Unit lengths: TRL's Online DPO takes IPO on summed log-ratios (not divided by length as offline IPO).
-        unit = torch.ones_like(chosen_logratios)
+        unit = policy.lengths.view(-1, 2)[:, 0]
         loss = losses.dpo_loss(self.args.loss_type, chosen_logratios, rejected_logratios, beta=self.beta,
                                chosen_lengths=unit, rejected_lengths=unit).mean()
         self.record_pair_metrics(inputs, logps.detach(), (policy.token_logps - ref_token_logps).detach())

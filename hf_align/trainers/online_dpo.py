@@ -154,7 +154,7 @@ def pair_by_preference(rollout: dict, scores: torch.Tensor) -> dict:
                            "does not hold them so.")
     first = torch.arange(0, rows, 2, device=scores.device)
     first_wins = scores[0::2] >= scores[1::2]
-    order = torch.stack([torch.where(first_wins, first, first + 1), torch.where(first_wins, first + 1, first)], 1)
+    order = torch.stack([torch.where(first_wins, first + 1, first), torch.where(first_wins, first, first + 1)], 1)
     paired = {}
     for key, value in {**rollout, "scores": scores}.items():
         if key in ("prompt_ids", "prompt_mask"):
@@ -291,7 +291,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         logps, ref_logps = policy.sum.view(-1, 2), ref_token_logps.sum(-1).view(-1, 2)
         chosen_logratios, rejected_logratios = (logps - ref_logps).unbind(-1)
         # Unit lengths: TRL's Online DPO takes IPO on summed log-ratios (not divided by length as offline IPO).
-        unit = policy.lengths.view(-1, 2)[:, 0]
+        unit = torch.ones_like(chosen_logratios)
         loss = losses.dpo_loss(self.args.loss_type, chosen_logratios, rejected_logratios, beta=self.beta,
                                chosen_lengths=unit, rejected_lengths=unit).mean()
         self.record_pair_metrics(inputs, logps.detach(), (policy.token_logps - ref_token_logps).detach())

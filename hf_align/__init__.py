@@ -7,6 +7,7 @@ from .preference import DataCollatorForPreference
 from .trainers.dpo import DPOConfig, DPOTrainer
 from .trainers.grpo import GRPOConfig, GRPOTrainer
 from .trainers.rloo import RLOOConfig, RLOOTrainer
+from .trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from .trainers.gdpo import DataCollatorForBeliefPreference, DistributionalGDPOConfig, DistributionalGDPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
 from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
@@ -30,6 +31,7 @@ __all__ = [
     "DataCollatorForBeliefPreference", "DistributionalGDPOConfig", "DistributionalGDPOTrainer",
     "GRPOConfig", "GRPOTrainer",
     "RLOOConfig", "RLOOTrainer",
+    "OnlineDPOConfig", "OnlineDPOTrainer",
     "IPOConfig",
     "IPOTrainer",
     "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",

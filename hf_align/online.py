@@ -248,6 +248,13 @@ class OnlineTrainer(AlignTrainer):
         raise NotImplementedError
 
     # -- metrics ---------------------------------------------------------------------------------------------------
+    def record_metric(self, name: str, values: torch.Tensor, reduction: str = "mean") -> None:
+        # Rollout rows are completions, not dataset rows: `gather_for_metrics` would cut the last batch of an epoch to
+        # the dataset rows left. Gather every process's values whole.
+        values = self.accelerator.gather(values.detach().float().reshape(-1))
+        if values.numel():
+            self._metrics[self.mode][name].append(getattr(values, reduction)().item())
+
     def record_generation_metrics(self, rollout: dict, lengths: torch.Tensor, is_truncated: torch.Tensor) -> None:
         """TRL's `completions/*` metrics over every process, and the token count."""
         self.record_tokens(torch.cat([rollout["prompt_mask"], (lengths[:, None] > torch.arange(

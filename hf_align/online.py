@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from accelerate.utils import gather, gather_object
@@ -64,14 +65,15 @@ class OnlineConfig(AlignConfig):
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Leave completions that hit max_completion_length out of the loss."}
     )
+    min_generations: ClassVar[int] = 2  # group-relative trainers compare within groups; PPO needs none
 
     def __post_init__(self):
         super().__post_init__()
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be at least 2 (a group to compare within), got "
-                             f"{self.num_generations}.")
+        if self.num_generations < self.min_generations:
+            raise ValueError(f"num_generations must be at least {self.min_generations} (a group to compare within), "
+                             f"got {self.num_generations}.")
         self.num_generations_eval = self.num_generations_eval or self.num_generations
         global_batch = self.per_device_train_batch_size * self.world_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
@@ -206,6 +208,7 @@ class OnlineTrainer(AlignTrainer):
             self.model, self.tokenizer, prompts, self.sampling_config(len(prompts)),
             mask_truncated=self.args.mask_truncated_completions, device=device,
         )
+        rollout["is_truncated"] = is_truncated
         self.record_generation_metrics(rollout, sampled.lengths.to(device), is_truncated)
         rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
         with torch.no_grad():
@@ -225,9 +228,18 @@ class OnlineTrainer(AlignTrainer):
         self.record_reward_metrics(rewards_per_func)
         self.record_logged_metrics()
         advantages = self.compute_advantages(rewards_per_func, rollout)
-        process = self.accelerator.process_index
-        rollout["advantages"] = advantages[process * len(rows) : (process + 1) * len(rows)]
+        rollout["advantages"] = advantages[self.local_rows(len(rows))]
         return rollout
+
+    def local_rows(self, rows: int) -> slice:
+        """This process's rows in a batch gathered from every process, each holding `rows` of them."""
+        process = self.accelerator.process_index
+        return slice(process * rows, (process + 1) * rows)
+
+    def gather_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values `[n, C]` of every process, `[N_all, C_max]`, in the gathered order, right-padded with 0 to
+        the longest completion of any process."""
+        return gather(self.accelerator.pad_across_processes(values, dim=1))
 
     def needs_old_logps(self) -> bool:
         """Whether the loss needs the sampling policy's log-probs: only when an optimizer step falls between sampling

@@ -135,3 +135,15 @@ def preference_data(embedded_data):
         return embedded_data(_PREFERENCE_KINDS[kind], n, split)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def rlvr_start_path(tmp_path_factory) -> str:
+    """The embedded tiny model after the RLVR examples' short SFT on the "comparisons" training questions (built once
+    per session): it answers with a number, right about a third of the time."""
+    from hf_align.scripts import sft_warm_start
+
+    torch.set_num_threads(1)
+    return sft_warm_start("comparisons", str(tmp_path_factory.mktemp("rlvr") / "sft"), learning_rate=2e-3,
+                          num_train_epochs=5, disable_tqdm=True)
+

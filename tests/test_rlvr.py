@@ -9,13 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_align import GRPOConfig, GRPOTrainer
 from hf_align.defaults import load_default_dataset
-from hf_align.scripts import sft_warm_start, verifier_accuracy
+from hf_align.scripts import verifier_accuracy
 from hf_align.verifiers import exact_match_reward
 
 
-def test_grpo_with_a_verifier_raises_held_out_accuracy(hf_align_home, tmp_path):
-    start = sft_warm_start("comparisons", str(tmp_path / "sft"), learning_rate=2e-3, num_train_epochs=5,
-                           disable_tqdm=True)
+def test_grpo_with_a_verifier_raises_held_out_accuracy(rlvr_start_path, tmp_path):
+    start = rlvr_start_path
     tokenizer = AutoTokenizer.from_pretrained(start)
     test = load_default_dataset("comparisons", "test")
     verifier = exact_match_reward()

@@ -147,3 +147,25 @@ def rlvr_start_path(tmp_path_factory) -> str:
     return sft_warm_start("comparisons", str(tmp_path_factory.mktemp("rlvr") / "sft"), learning_rate=2e-3,
                           num_train_epochs=5, disable_tqdm=True)
 
+
+@pytest.fixture
+def fixed_completions(monkeypatch):
+    """`fixed_completions(completion)` replaces the online trainers' sampling: row `i` of a generation batch gets the
+    token ids `completion(prompt_ids, i, tokenizer, model) -> list[int]` instead of a sample, so that tests can compute
+    rewards, advantages and losses by hand, or give TRL's trainers the same completions."""
+    import hf_align.rollout
+    from hf_align.data import pad
+    from hf_align.generation import Completions, encode_prompts
+
+    def install(completion):
+        def generate(model, tokenizer, prompts, sampling):
+            prompt_ids = encode_prompts(tokenizer, prompts)
+            rows = [torch.tensor(completion(ids, i, tokenizer, model)) for i, ids in enumerate(prompt_ids)]
+            return Completions(prompt_ids=prompt_ids, completion_ids=pad(rows, tokenizer.pad_token_id),
+                               completion_mask=pad([torch.ones_like(row) for row in rows], 0),
+                               texts=tokenizer.batch_decode(rows, skip_special_tokens=True))
+
+        monkeypatch.setattr(hf_align.rollout, "generate_completions", generate)
+
+    return install
+

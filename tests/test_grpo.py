@@ -17,9 +17,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-import hf_align.rollout
 from hf_align import DataError
-from hf_align.generation import Completions, encode_prompts
 from hf_align.rewards import RewardFunctionError
 from hf_align.rollout import GroupSampler
 from hf_align.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -49,21 +47,8 @@ def patch_trl_generation(trainer, eos: int):
 
 
 @pytest.fixture
-def patch_hf_align_generation(monkeypatch, tiny_tokenizer):
-    eos = tiny_tokenizer.eos_token_id
-
-    def generate(model, tokenizer, prompts, sampling):
-        prompt_ids = encode_prompts(tokenizer, prompts)
-        rows = [fake_completion(ids, i, eos) for i, ids in enumerate(prompt_ids)]
-        ids = [torch.tensor(row) for row in rows]
-        return Completions(
-            prompt_ids=prompt_ids,
-            completion_ids=hf_align.data.pad(ids, tokenizer.pad_token_id),
-            completion_mask=hf_align.data.pad([torch.ones_like(row) for row in ids], 0),
-            texts=tokenizer.batch_decode(ids, skip_special_tokens=True),
-        )
-
-    monkeypatch.setattr(hf_align.rollout, "generate_completions", generate)
+def patch_hf_align_generation(fixed_completions):
+    fixed_completions(lambda prompt_ids, row, tokenizer, model: fake_completion(prompt_ids, row, tokenizer.eos_token_id))
 
 
 def length_reward(completions, **kwargs):

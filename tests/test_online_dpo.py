@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_align.rollout
 from hf_align import DataError, data
-from hf_align.generation import Completions, SamplingConfig, encode_prompts, generate_completions
+from hf_align.generation import SamplingConfig, encode_prompts, generate_completions
 from hf_align.rewards import RewardFunctionError, completion_text
 from hf_align.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from hf_align.verifiers import JudgeReward
@@ -61,23 +61,15 @@ def patch_trl_generation(trainer, stop_ids: list[int], pad_id: int, uniform: boo
 
 
 @pytest.fixture
-def patch_hf_align_generation(monkeypatch):
-    """Replaces hf_align's sampling: rows 2i and 2i + 1 are the two samples of a prompt."""
+def patch_hf_align_generation(fixed_completions):
+    """hf_align's sampling replaced: rows 2i and 2i + 1 are the two samples of a prompt."""
     state = {"uniform": False}
 
-    def generate(model, tokenizer, prompts, sampling):
-        prompt_ids = encode_prompts(tokenizer, prompts)
+    def completion(prompt_ids, row, tokenizer, model):
         stop_ids = hf_align.generation.stop_token_ids(model, tokenizer)
-        ids = [torch.tensor(fake_completion(ids, row % 2, stop_ids, state["uniform"]))
-               for row, ids in enumerate(prompt_ids)]
-        return Completions(
-            prompt_ids=prompt_ids,
-            completion_ids=data.pad(ids, tokenizer.pad_token_id),
-            completion_mask=data.pad([torch.ones_like(row) for row in ids], 0),
-            texts=tokenizer.batch_decode(ids, skip_special_tokens=True),
-        )
+        return fake_completion(prompt_ids, row % 2, stop_ids, state["uniform"])
 
-    monkeypatch.setattr(hf_align.rollout, "generate_completions", generate)
+    fixed_completions(completion)
     return state
 
 

@@ -36,17 +36,14 @@ def test_grpo_with_a_verifier_raises_held_out_accuracy(rlvr_start_path, tmp_path
 
 
 def test_sandboxed_code_verifier_zeroes_hostile_code_and_training_continues(tiny_model_path, tiny_tokenizer,
-                                                                            monkeypatch, tmp_path):
+                                                                            fixed_completions, tmp_path):
     """GRPO on a coding prompt whose sampled completions are an infinite loop, a fork bomb, a huge allocation and a
     network call, next to correct solutions: each hostile one scores 0 within the verifier's time limit, the correct
     ones 1, and the optimizer step is taken."""
     import time
 
-    import torch
     from datasets import Dataset
 
-    import hf_align.rollout
-    from hf_align.generation import Completions, encode_prompts
     from hf_align.verifiers import code_reward
 
     correct = "def add(a, b):\n    return a + b\n"
@@ -59,14 +56,10 @@ def test_sandboxed_code_verifier_zeroes_hostile_code_and_training_continues(tiny
         "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=30)\ndef add(a, b):\n    return a + b\n",
     ]
 
-    def generate(model, tokenizer, prompts, sampling):
-        ids = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-               for text in completions[: len(prompts)]]
-        return Completions(encode_prompts(tokenizer, prompts), hf_align.data.pad(ids, tokenizer.pad_token_id),
-                           hf_align.data.pad([torch.ones_like(row) for row in ids], 0),
-                           tokenizer.batch_decode(ids, skip_special_tokens=True))
+    def completion(prompt_ids, row, tokenizer, model):
+        return tokenizer(completions[row], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
-    monkeypatch.setattr(hf_align.rollout, "generate_completions", generate)
+    fixed_completions(completion)
     dataset = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).\n", "tests": ["assert add(1, 2) == 3",
                                   "assert add(-1, 1) == 0"]} for i in range(3)])
     args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=6, num_generations=2,

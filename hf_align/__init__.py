@@ -8,6 +8,11 @@ from .trainers.dpo import DPOConfig, DPOTrainer
 from .trainers.grpo import GRPOConfig, GRPOTrainer
 from .trainers.rloo import RLOOConfig, RLOOTrainer
 from .trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+from .trainers.remax import ReMaxConfig, ReMaxTrainer
+from .trainers.reinforce import ReinforceConfig, ReinforcePPConfig, ReinforcePPTrainer, ReinforceTrainer
+from .trainers.decoupled_gdpo import GDPOConfig, GDPOTrainer
+from .trainers.ppo import PPOConfig, PPOTrainer
+from .trainers.trpo import TRPOConfig, TRPOTrainer
 from .trainers.gdpo import DataCollatorForBeliefPreference, DistributionalGDPOConfig, DistributionalGDPOTrainer
 from .trainers.ipo import IPOConfig, IPOTrainer
 from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
@@ -32,6 +37,11 @@ __all__ = [
     "GRPOConfig", "GRPOTrainer",
     "RLOOConfig", "RLOOTrainer",
     "OnlineDPOConfig", "OnlineDPOTrainer",
+    "ReMaxConfig", "ReMaxTrainer",
+    "ReinforceConfig", "ReinforceTrainer", "ReinforcePPConfig", "ReinforcePPTrainer",
+    "GDPOConfig", "GDPOTrainer",
+    "PPOConfig", "PPOTrainer",
+    "TRPOConfig", "TRPOTrainer",
     "IPOConfig",
     "IPOTrainer",
     "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",

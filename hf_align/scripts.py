@@ -198,8 +198,9 @@ def verifier_accuracy(model, tokenizer, dataset, reward, *, samples_per_prompt: 
 RLVR_DATASET = "comparisons"
 
 
-def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = None):
-    """Runs an online trainer's example with a verifier as the reward (`verifier_rewards`). With no
+def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = None, extra_reward_funcs=()):
+    """Runs an online trainer's example with a verifier as the reward (`verifier_rewards`), followed by
+    `extra_reward_funcs` (e.g. a format reward, for trainers that combine several). With no
     `--model_name_or_path`, on the embedded verifiable task: the tiny model, whose weights are random, is first
     fine-tuned on the training questions (`sft_warm_start`, kept in outputs/rlvr-sft-start), `embedded_defaults` are
     applied, and the held-out accuracy before and after training is printed. Returns the trained trainer."""
@@ -216,7 +217,10 @@ def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = No
         # The embedded defaults, as flags: the warm-started model is a local folder, not the default's name.
         argv = ["--model_name_or_path", start, *[f"--{key}={value}" for key, value in embedded_defaults.items()],
                 *argv]
-    trainer = run(trainer_class, RLVR_DATASET, embedded_defaults, argv, trainer_kwargs=verifier_rewards)
+    def rewards(dataset) -> dict:
+        return {"reward_funcs": [*verifier_rewards(dataset)["reward_funcs"], *extra_reward_funcs]}
+
+    trainer = run(trainer_class, RLVR_DATASET, embedded_defaults, argv, trainer_kwargs=rewards)
     if embedded and trainer.is_world_process_zero():
         after = verifier_accuracy(trainer.model, tokenizer, test, verifier)
         print(f"Held-out accuracy (4 samples per question, temperature 1): {before:.1%} before "

@@ -36,7 +36,7 @@ class RLOOConfig(OnlineConfig):
     normalize_advantages: bool = field(
         default=False, metadata={"help": "Whiten advantages over the generation batch (mean 0, std 1)."}
     )
-    reward_clip_range: tuple[float, float] | None = field(
+    reward_clip_range: list[float] | None = field(
         default=None, metadata={"help": "Clip the weighted reward to (min, max) before the KL term."}
     )
 

@@ -20,7 +20,7 @@ from accelerate.utils import gather, gather_object
 
 from . import data, losses, models
 from .config import AlignConfig
-from .generation import SamplingConfig
+from .generation import Completions, SamplingConfig
 from .rewards import RewardScorer
 from .rollout import GroupSampler, completion_token_logprobs, sample_rollout, shuffle_rollout, split_rollout
 from .trainer import AlignTrainer
@@ -218,18 +218,23 @@ class OnlineTrainer(AlignTrainer):
                 with models.reference_model(self.model, self.ref_model) as reference:
                     rollout["ref_logps"] = self.token_logps(reference, rollout)
 
-        conversational = data.is_conversational_row({"prompt": prompts[0]}, ["prompt"])
-        completions = [[{"role": "assistant", "content": text}] for text in sampled.texts] if conversational \
-            else sampled.texts
-        completion_ids = [ids[:length].tolist() for ids, length in zip(sampled.completion_ids, sampled.lengths)]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        rewards_per_func = self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
-        rewards_per_func = gather(rewards_per_func.to(device))
+        rewards_per_func = gather(self.score_completions(rows, sampled).to(device))
         self.record_reward_metrics(rewards_per_func)
         self.record_logged_metrics()
         advantages = self.compute_advantages(rewards_per_func, rollout)
         rollout["advantages"] = advantages[self.local_rows(len(rows))]
         return rollout
+
+    def score_completions(self, rows: list[dict], sampled: Completions) -> torch.Tensor:
+        """Rewards `[n, F]` (this process's) of `sampled`, one completion per row, with the rows' other columns: the
+        completions as text, or as one assistant message when the prompts are conversational (TRL's format)."""
+        prompts = [row["prompt"] for row in rows]
+        conversational = data.is_conversational_row({"prompt": prompts[0]}, ["prompt"])
+        completions = [[{"role": "assistant", "content": text}] for text in sampled.texts] if conversational \
+            else sampled.texts
+        completion_ids = [ids[:length].tolist() for ids, length in zip(sampled.completion_ids, sampled.lengths)]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        return self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
 
     def local_rows(self, rows: int) -> slice:
         """This process's rows in a batch gathered from every process, each holding `rows` of them."""

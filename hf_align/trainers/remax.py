@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from accelerate.utils import gather
 
-from .. import data, generation, losses
+from .. import generation, losses
 from ..generation import SamplingConfig
 from ..online import OnlineConfig
 from .rloo import RLOOTrainer
@@ -91,12 +91,7 @@ class ReMaxTrainer(RLOOTrainer):
             self.model, self.tokenizer, prompts,
             SamplingConfig(max_new_tokens=self.args.max_completion_length, temperature=0, batch_size=len(prompts)),
         )
-        conversational = data.is_conversational_row({"prompt": prompts[0]}, ["prompt"])
-        completions = [[{"role": "assistant", "content": text}] for text in greedy.texts] if conversational \
-            else greedy.texts
-        completion_ids = [ids[:length].tolist() for ids, length in zip(greedy.completion_ids, greedy.lengths)]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        rewards_per_func = self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
+        rewards_per_func = self.score_completions(rows, greedy)
         self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
         return self.reward_scorer.combine(rewards_per_func)
 

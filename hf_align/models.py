@@ -122,3 +122,14 @@ def reference_model(policy, ref_model):
         context = nullcontext()
     with torch.no_grad(), context:
         yield ref_model if ref_model is not None else policy
+
+
+def check_one_label_classifier(model, role: str, remedy: str) -> PreTrainedModel:
+    """The sequence classifier inside `model` (peft / DDP wrappers removed), if it has one output (a reward model, a
+    critic); else a ValueError naming `role` (e.g. "RewardTrainer needs") and ending with `remedy`."""
+    classifier = unwrap_causal_lm(model)
+    if "ForSequenceClassification" not in type(classifier).__name__ or classifier.config.num_labels != 1:
+        raise ValueError(f"{role} a sequence classifier with num_labels=1, got {type(classifier).__name__} with "
+                         f"num_labels={classifier.config.num_labels}. {remedy}")
+    return classifier
+

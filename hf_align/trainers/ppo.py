@@ -127,13 +127,9 @@ class PPOTrainer(OnlineTrainer):
         a critic that reads the policy's token ids."""
         if isinstance(value_model, str):
             value_model = models.load_model(value_model, self.args, AutoModelForSequenceClassification, num_labels=1)
-        classifier = models.unwrap_causal_lm(value_model)
-        if "ForSequenceClassification" not in type(classifier).__name__ or classifier.config.num_labels != 1:
-            raise ValueError(
-                f"value_model must be a sequence classifier with num_labels=1, got {type(classifier).__name__} with "
-                f"num_labels={classifier.config.num_labels}. Pass its id or path to load it as one, or None for a "
-                "value head on the policy."
-            )
+        classifier = models.check_one_label_classifier(
+            value_model, "value_model must be", "Pass its id or path to load it as one, or None for a value head on "
+            "the policy.")
         if any(classifier is models.unwrap_causal_lm(func) for func in self.reward_scorer.reward_funcs
                if isinstance(func, torch.nn.Module)):
             # Training the critic would change the rewards it is trained to predict.

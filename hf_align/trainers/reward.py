@@ -96,13 +96,9 @@ class RewardTrainer(AlignTrainer):
         peft_config=None,
     ):
         if not isinstance(model, str):
-            classifier = models.unwrap_causal_lm(model)
-            if "ForSequenceClassification" not in type(classifier).__name__ or classifier.config.num_labels != 1:
-                raise ValueError(
-                    f"RewardTrainer needs a sequence classifier with num_labels=1, got {type(classifier).__name__} "
-                    f"with num_labels={classifier.config.num_labels}. Pass the model id or path instead to load it "
-                    "as one, or build it with `AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`."
-                )
+            models.check_one_label_classifier(
+                model, "RewardTrainer needs", "Pass the model id or path instead to load it as one, or build it with "
+                "`AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`.")
         super().__init__(
             model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
             optimizers, peft_config=_sequence_classification_adapter(peft_config),

@@ -1,0 +1,172 @@
+"""The `hf-align` command (hf_align.cli): every subcommand, YAML config files, the console-script entry point, and the
+accelerate config files in examples/accelerate_configs/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_align import cli
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate_configs"
+FAST = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+
+
+def saved_args(output_dir: Path):
+    """The Config the trainer ran with (`Trainer.save_model` writes it as training_args.bin)."""
+    return torch.load(output_dir / "training_args.bin", weights_only=False)
+
+
+def test_every_algorithm_has_its_example():
+    assert set(cli.ALGORITHMS) == {
+        "sft", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "step_dpo", "gdpo", "spin", "grpo", "rloo", "remax",
+        "reinforce", "reinforce_pp", "decoupled_gdpo", "online_dpo", "ppo", "trpo",
+    }
+    for algorithm in cli.ALGORITHMS:
+        assert cli.example_path(algorithm).is_file()
+
+
+def test_help_lists_algorithms_and_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in [*cli.ALGORITHMS, "recommend", "env"]:
+        assert f"\n  {name} " in out
+    assert cli.main([]) == 0  # no arguments: the same help
+
+
+def test_algorithm_help_lists_its_flags(capsys):
+    assert cli.main(["dpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-align dpo")
+    for flag in ("--model_name_or_path", "--dataset_name", "--use_peft", "--beta", "--loss_type", "--precision"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("algorithm", sorted(cli.ALGORITHMS))
+def test_every_algorithm_answers_help_without_training(algorithm, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([algorithm, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: hf-align {algorithm} ")
+    assert not (tmp_path / "outputs").exists()  # no SFT warm start (spin, RLVR) before the help text
+
+
+def test_unknown_algorithm_is_a_clear_error(capsys):
+    assert cli.main(["dpoo", "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown algorithm or command 'dpoo'" in err
+    assert "dpo, ipo, kto" in err and "recommend, env" in err
+
+
+def test_env_reports_versions_device_and_precision(capsys):
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    for package in ("hf_align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
+        assert lines[package].strip() not in ("", "not installed"), package
+    assert lines["torch"].startswith(torch.__version__.split("+")[0])
+    if torch.cuda.is_available():
+        assert lines["device"].startswith("CUDA: ")
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    else:
+        assert lines["device"].startswith("CPU")
+        expected = "fp32"
+    assert lines["precision"].startswith(expected)
+
+
+def test_recommend_uses_the_advisor(capsys):
+    assert cli.main(["recommend", "unpaired_preference"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Dataset: unpaired_preference")
+    assert "1. KTOTrainer" in out
+
+
+def test_dpo_with_no_model_or_dataset_trains_on_the_embedded_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "dpo"
+    assert cli.main(["dpo", "--max_steps", "2", "--output_dir", str(out_dir), *FAST]) == 0
+    assert (out_dir / "model.safetensors").is_file()
+    assert "DPO" in (out_dir / "README.md").read_text()
+    args = saved_args(out_dir)
+    assert args.learning_rate == 5e-4 and args.per_device_train_batch_size == 8  # examples/dpo.py's embedded defaults
+    assert args.max_steps == 2 and args.precision == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert "Saved model, model card" in capsys.readouterr().out
+
+
+def test_yaml_config_sets_fields_and_command_line_flags_win(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "from-yaml"
+    config = tmp_path / "kto.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(out_dir), "beta": 0.3, "max_steps": 5, "learning_rate": 1e-4, "report_to": "none",
+        "save_strategy": "no", "disable_tqdm": True, "dataset_test_split": None,
+    }))
+    assert cli.main(["kto", "--config", str(config), "--max_steps", "1", "--desirable_weight=1.2"]) == 0
+    args = saved_args(out_dir)
+    assert args.beta == 0.3 and args.learning_rate == 1e-4  # from the file (over the embedded defaults)
+    assert args.max_steps == 1 and args.desirable_weight == 1.2  # the command line wins over the file
+
+
+def test_yaml_flags_for_lists_mappings_and_ppo_stages(tmp_path):
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({
+        "use_peft": True, "lora_target_modules": ["q_proj", "v_proj"], "model_init_kwargs": {"dtype": "float32"},
+        "dataset_config": None, "sft": {"learning_rate": 2e-5}, "reward": {"num_train_epochs": 1},
+    }, sort_keys=False))
+    flags = cli.expand_config(["--beta", "0.1", f"--config={config}"], "ppo")
+    assert flags == ["--use_peft=true", "--lora_target_modules", "q_proj", "v_proj",
+                     '--model_init_kwargs={"dtype": "float32"}', "--sft.learning_rate=2e-05",
+                     "--reward.num_train_epochs=1", "--beta", "0.1"]
+    assert cli.main(["dpo", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_online_algorithm_through_the_cli(tmp_path, monkeypatch, tiny_model_path):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "grpo"
+    argv = ["grpo", "--model_name_or_path", tiny_model_path, "--max_steps", "1", "--per_device_train_batch_size", "4",
+            "--num_generations", "4", "--max_completion_length", "4", "--output_dir", str(out_dir), *FAST]
+    assert cli.main(argv) == 0
+    assert (out_dir / "model.safetensors").is_file()
+    trainer_args = saved_args(out_dir)
+    assert trainer_args.num_generations == 4 and trainer_args.max_steps == 1
+    assert not (tmp_path / "outputs" / "rlvr-sft-start").exists()  # a named model skips the embedded warm start
+
+
+def test_console_script_entry_point():
+    script = shutil.which("hf-align")
+    command = [script] if script else [sys.executable, "-m", "hf_align.cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: hf-align <algorithm>") and "decoupled_gdpo" in result.stdout
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"), ("deepspeed_zero2.yaml", "DEEPSPEED"),
+    ("deepspeed_zero3.yaml", "DEEPSPEED"),
+])
+def test_accelerate_configs_parse(name, kind):
+    text = (ACCELERATE_CONFIGS / name).read_text()
+    config = yaml.safe_load(text)
+    assert config["distributed_type"] == kind
+    assert isinstance(config["num_processes"], int) and config["num_processes"] >= 2
+    header = text.split("\ncompute_environment")[0]
+    assert f"accelerate launch --config_file examples/accelerate_configs/{name}" in header
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2" in header
+    if kind != "MULTI_GPU":
+        assert "UNTESTED" in header
+    if kind == "FSDP":
+        assert config["fsdp_config"]["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if kind == "DEEPSPEED":
+        assert config["deepspeed_config"]["zero_stage"] == int(name[-6])
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert ClusterConfig.from_yaml_file(str(ACCELERATE_CONFIGS / name)).num_processes == config["num_processes"]

@@ -18,7 +18,7 @@ responses stop being more likely to it than the data. Writes the model, its card
 import sys
 
 from hf_align import SPINTrainer
-from hf_align.scripts import run, sft_warm_start
+from hf_align.scripts import check_arguments, run, sft_warm_start
 
 # For the embedded tiny model only (after its SFT warm-up): greedy responses, one epoch a round at a small learning
 # rate, so that each round moves the model a little (larger steps overshoot on this tiny model).
@@ -38,6 +38,7 @@ def print_rounds(round_history: list[dict]) -> None:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    check_arguments(SPINTrainer, argv)
     if not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
         # The embedded defaults, as flags: the SFT'd tiny model is a local folder, not the default's name.
         flags = [f"--{key}={value}" for key, value in EMBEDDED_DEFAULTS.items()]

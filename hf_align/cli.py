@@ -279,14 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             from .advisor import main as advise
 
             return advise(rest)
-        rest = expand_config(rest, command)
-        if {"-h", "--help"} & set(rest) and not any(arg.split("=")[0] == "--model_name_or_path" for arg in rest):
-            # Naming the default model answers --help before the SPIN / RLVR examples' SFT warm start, which they run
-            # ahead of parsing when no model is named; the help text is the same.
-            from .defaults import DEFAULT_MODEL_NAME
-
-            rest = ["--model_name_or_path", DEFAULT_MODEL_NAME, *rest]
-        return run_example(command, rest)
+        return run_example(command, expand_config(rest, command))
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

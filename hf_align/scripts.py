@@ -137,6 +137,12 @@ def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list
     return trainer
 
 
+def check_arguments(trainer_class, argv: list[str]) -> None:
+    """Parses `argv` as `run` will, so that `--help` or a bad flag answers at once, before any preparatory training
+    (the warm starts of the SPIN and RLVR examples)."""
+    HfArgumentParser((ScriptArguments, trainer_class.config_class)).parse_args_into_dataclasses(args=argv)
+
+
 def verifier_rewards(dataset) -> dict:
     """`{"reward_funcs": [...]}` for an online trainer on a dataset with a verifiable answer (RLVR): math answer
     equivalence on a `solution` column (TRL's convention), test cases run in a sandbox on a `tests` column, exact match
@@ -205,6 +211,7 @@ def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = No
     fine-tuned on the training questions (`sft_warm_start`, kept in outputs/rlvr-sft-start), `embedded_defaults` are
     applied, and the held-out accuracy before and after training is printed. Returns the trained trainer."""
     argv = sys.argv[1:] if argv is None else argv
+    check_arguments(trainer_class, argv)  # before the warm start trains anything
     embedded = not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
     if embedded:
         from transformers import AutoModelForCausalLM, AutoTokenizer

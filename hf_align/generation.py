@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from . import data, models
@@ -33,6 +34,7 @@ class SamplingConfig:
     num_generations: int = 1
     batch_size: int = 32
     seed: int | None = None
+    progress: bool = False  # a progress bar over the `generate` calls (long generations, e.g. SPIN's rounds)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -130,7 +132,8 @@ def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConf
     model.eval()
     try:
         with torch.no_grad(), _seeded(sampling.seed, device):
-            for start in range(0, len(rows), sampling.batch_size):
+            starts = range(0, len(rows), sampling.batch_size)
+            for start in tqdm(starts, desc="Generating", disable=not sampling.progress or len(starts) < 2):
                 batch = rows[start : start + sampling.batch_size]
                 input_ids, attention_mask = _left_pad(batch, tokenizer.pad_token_id, device)
                 output = generator.generate(input_ids=input_ids, attention_mask=attention_mask,

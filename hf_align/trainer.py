@@ -263,7 +263,7 @@ class AlignTrainer(Trainer):
         columns = defaultdict(list)
         was_training = self.model.training
         self.model.eval()
-        disable = not self.accelerator.is_local_main_process
+        disable = self.args.disable_tqdm or not self.accelerator.is_local_main_process
         for batch in tqdm(loader, desc=f"Reference log-probs for {name}", disable=disable):
             batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.compute_loss_context_manager():

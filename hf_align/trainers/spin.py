@@ -68,10 +68,10 @@ class SPINConfig(DPOConfig):
             )
         super().__post_init__()
 
-    def sampling(self, seed: int) -> SamplingConfig:
+    def sampling(self, seed: int, progress: bool = False) -> SamplingConfig:
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            batch_size=self.generation_batch_size, seed=seed,
+            batch_size=self.generation_batch_size, seed=seed, progress=progress,
         )
 
 
@@ -195,7 +195,8 @@ class SPINTrainer(DPOTrainer):
         """One response per prompt from the current policy, each process sampling its share of the prompts; returned
         in the format of the prompts (a string, or a one-message assistant list)."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        sampling = self.args.sampling(seed=self.args.seed + self.round * world + rank)
+        sampling = self.args.sampling(seed=self.args.seed + self.round * world + rank,
+                                      progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process)
         with self.accelerator.split_between_processes(prompts) as shard:
             texts = generate_completions(self.model, self.tokenizer, shard, sampling).texts if shard else []
         texts = gather_object(texts)

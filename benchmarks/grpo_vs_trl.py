@@ -1,0 +1,130 @@
+"""GRPO, hf_align against TRL, side by side: the generation phase and the training phase timed apart.
+
+    python benchmarks/grpo_vs_trl.py                        # defaults below; prints a table and the ratios
+    python benchmarks/grpo_vs_trl.py --rounds 3 --steps 10 --max_completion_length 64
+
+Both trainers get the same model (a Llama with a 32k vocabulary built offline by `harness.build_benchmark_model`),
+the same prompts (the embedded "comparisons" questions), the same reward function, fp32, no gradient checkpointing,
+beta = 0, `num_generations` completions per prompt and the same batch size. Each run is its own process; runs
+alternate and the median of each side is reported. Generation time is the time spent in each trainer's sampling call
+(hf_align: `rollout.generate_completions`, TRL: `GRPOTrainer._generate_single_turn`); training time is the rest of
+the timed steps (log-probs, loss, backward, optimizer). Tokens/s of the training phase counts prompt + completion
+tokens of the sampled rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+from harness import build_benchmark_model, report_child, run_alternating
+
+
+def exact_answer(completions, answer, **kwargs):
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import TrainerCallback
+
+    from hf_align.defaults import load_default_dataset
+
+    if args.impl == "hf_align":
+        import hf_align.rollout as sampling_module
+        from hf_align import GRPOConfig, GRPOTrainer
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, num_generations=args.generations,
+        max_completion_length=args.max_completion_length, max_steps=args.warmup + args.steps, learning_rate=1e-6,
+        beta=0.0, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    trainer = GRPOTrainer(args.model, exact_answer, args=config, train_dataset=load_default_dataset("comparisons"))
+
+    generation_seconds, tokens, step_ends = [], [], []
+
+    def timed(generate, count_tokens):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            out = generate(*a, **kw)
+            generation_seconds.append(time.perf_counter() - start)
+            tokens.append(count_tokens(a, kw, out))
+            return out
+        return wrapper
+
+    if args.impl == "hf_align":
+        sampling_module.generate_completions = timed(
+            sampling_module.generate_completions,
+            lambda a, kw, out: sum(map(len, out.prompt_ids)) + int(out.completion_mask.sum()))
+    else:
+        trainer._generate_single_turn = timed(
+            trainer._generate_single_turn, lambda a, kw, out: sum(map(len, a[0])) + sum(map(len, out[0])))
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs):
+            step_ends.append(time.perf_counter())
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    # One generation per optimizer step (steps_per_generation = gradient_accumulation_steps = 1).
+    total = step_ends[-1] - step_ends[args.warmup - 1]
+    generating = sum(generation_seconds[args.warmup : args.warmup + args.steps])
+    trained_tokens = sum(tokens[args.warmup : args.warmup + args.steps])
+    return {
+        "impl": args.impl,
+        "generation_s": generating,
+        "training_s": total - generating,
+        "tokens_per_s": trained_tokens / (total - generating),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--max_completion_length", type=int, default=32)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--hidden_size", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.impl:  # a child run
+        report_child(run_one(args))
+        return
+
+    model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
+    build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    passthrough = [f"--{k}={getattr(args, k)}" for k in
+                   ("steps", "warmup", "batch_size", "generations", "max_completion_length", "threads")]
+    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
+                             args.rounds)
+    ours, theirs = median["hf_align"], median["trl"]
+    print()
+    print(f"| GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new tokens "
+          "| hf_align | TRL | hf_align / TRL |")
+    print("|---|---|---|---|")
+    print(f"| training tokens/s | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
+          f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    print(f"| generation seconds ({args.steps} steps, last round; lower is better) | {ours['generation_s']:.1f} | "
+          f"{theirs['generation_s']:.1f} | {ours['generation_s'] / theirs['generation_s']:.2f}x |")
+    print(f"| peak RSS (MB) | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
+          f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

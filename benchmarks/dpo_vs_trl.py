@@ -34,6 +34,8 @@ def run_one(args) -> dict:
         report_to="none", save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True,
         dataloader_pin_memory=False,
     )
+    if args.prefix_sharing and args.impl == "hf_align":
+        config.prefix_sharing = True
     trainer = DPOTrainer(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))
     return {"impl": args.impl, **time_training(trainer, args.warmup, args.steps)}
 
@@ -50,6 +52,8 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prefix_sharing", action="store_true",
+                        help="hf_align packs each pair as one row (its tokens/s then counts each prompt once).")
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -63,6 +67,7 @@ def main():
     build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
     passthrough = [f"--{k}={getattr(args, k)}" for k in
                    ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
+    passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
                              args.rounds)
     print()

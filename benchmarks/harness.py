@@ -58,7 +58,10 @@ def time_training(trainer, warmup: int, steps: int) -> dict:
 
     def counting_collator(examples):
         batch = collate(examples)
-        batch_tokens.append(int(batch["attention_mask"].sum()))
+        tokens = batch["attention_mask"].sum()
+        if "segment_ids" in batch:  # prefix-shared pairs hold each prompt once for two sequences: count it twice
+            tokens = tokens + (batch["segment_ids"] == 1).sum()
+        batch_tokens.append(int(tokens))
         return batch
 
     class StepTimer(TrainerCallback):

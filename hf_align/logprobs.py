@@ -139,20 +139,10 @@ def completion_logprobs(
     """Log-probs of the tokens where `completion_mask` is 1 (`[B, T]` each), under `model`.
 
     Only those positions go through the LM head. Position 0 is never scored (nothing predicts it)."""
-    causal_lm = unwrap_causal_lm(model)
     hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
     target_mask = completion_mask[:, 1:].bool()
-    head = causal_lm.get_output_embeddings()
-    softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-    results = token_logprobs(
-        hidden[:, :-1][target_mask],
-        head.weight,
-        head.bias,
-        input_ids[:, 1:][target_mask],
-        temperature=temperature,
-        softcap=softcap,
-        chunk_size=chunk_size,
-        with_stats=with_stats,
+    results = _head_logprobs(
+        model, hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask], temperature, chunk_size, with_stats
     )
 
     def aligned(values: torch.Tensor) -> torch.Tensor:
@@ -164,3 +154,79 @@ def completion_logprobs(
         return CompletionLogProbs(aligned(results[0]), mask)
     logps, entropy, mean_logit, is_top1 = results
     return CompletionLogProbs(aligned(logps), mask, aligned(entropy), aligned(mean_logit), aligned(is_top1))
+
+
+def _head_logprobs(model, hidden, targets, temperature, chunk_size, with_stats) -> tuple[torch.Tensor, ...]:
+    """`token_logprobs` of `targets` `[N]` from `hidden` `[N, H]` through `model`'s LM head and logit softcap."""
+    causal_lm = unwrap_causal_lm(model)
+    head = causal_lm.get_output_embeddings()
+    softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+    return token_logprobs(
+        hidden, head.weight, head.bias, targets,
+        temperature=temperature, softcap=softcap, chunk_size=chunk_size, with_stats=with_stats,
+    )
+
+
+# `segment_ids` of a shared-prefix batch (`DataCollatorForPreference(prefix_sharing=True)`): 0 marks padding.
+PROMPT, CHOSEN, REJECTED = 1, 2, 3
+
+
+def shared_prefix_inputs(segment_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids `[B, T]` and the additive attention mask `[B, 1, T, T]` (0 where a query may attend, the dtype's
+    minimum elsewhere) of packed rows `prompt, chosen, rejected, padding`: every token attends causally to the
+    tokens before it except that rejected tokens do not see chosen ones, and no query sees padding; rejected token
+    `j` gets position `len(prompt) + j`, like chosen token `j`. Each completion thus sees exactly what it sees in
+    its own `prompt + completion` row."""
+    chosen_lengths = (segment_ids == CHOSEN).sum(-1, keepdim=True)
+    positions = torch.arange(segment_ids.size(1), device=segment_ids.device).expand_as(segment_ids)
+    position_ids = positions - chosen_lengths * (segment_ids == REJECTED)
+    query, key = segment_ids.unsqueeze(2), segment_ids.unsqueeze(1)
+    causal = torch.ones(segment_ids.size(1), segment_ids.size(1), dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = causal & (key != 0) & ~((query == REJECTED) & (key == CHOSEN))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return position_ids, mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def shared_prefix_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_stats: bool = False,
+) -> CompletionLogProbs:
+    """Log-probs of the chosen and rejected tokens of packed rows `prompt, chosen, rejected` (`input_ids` and
+    `segment_ids` `[B, T]`, see `shared_prefix_inputs`): the prompt runs once per pair, and each completion gets the
+    log-probs it gets in its own `prompt + completion` row under `completion_logprobs`.
+
+    Returns `[2B, T]` in the layout of the packed rows, chosen rows first, then rejected: row `b` masks the chosen
+    tokens of pair `b`, row `B + b` its rejected ones. The model's attention must honour a custom 4D mask (eager and
+    sdpa do). The first rejected token is predicted from the last prompt position; position 0 is never scored."""
+    causal_lm = unwrap_causal_lm(model)
+    implementation = causal_lm.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"prefix sharing needs eager or sdpa attention (a custom 4D mask), not {implementation!r}.")
+    position_ids, attention_mask = shared_prefix_inputs(segment_ids, causal_lm.dtype)
+    hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
+    # Each scored token is predicted by the position before it, except the first rejected token: by the last prompt
+    # position, `len(chosen)` further back.
+    positions = torch.arange(segment_ids.size(1), device=segment_ids.device).expand_as(segment_ids)
+    first_rejected = (segment_ids == REJECTED) & (F.pad(segment_ids, (1, 0))[:, :-1] == CHOSEN)
+    predictor = positions - 1 - (segment_ids == CHOSEN).sum(-1, keepdim=True) * first_rejected
+    scored = ((segment_ids == CHOSEN) | (segment_ids == REJECTED)) & (predictor >= 0)
+    rows = torch.arange(segment_ids.size(0), device=segment_ids.device).unsqueeze(1).expand_as(segment_ids)
+    results = _head_logprobs(
+        model, hidden[rows[scored], predictor[scored]], input_ids[scored], temperature, chunk_size, with_stats
+    )
+    chosen, rejected = scored & (segment_ids == CHOSEN), scored & (segment_ids == REJECTED)
+
+    def split(values: torch.Tensor) -> torch.Tensor:
+        packed = values.new_zeros(scored.shape).masked_scatter(scored, values)
+        return torch.cat([packed * chosen, packed * rejected])
+
+    mask = torch.cat([chosen, rejected]).float()
+    if not with_stats:
+        return CompletionLogProbs(split(results[0]), mask)
+    logps, entropy, mean_logit, is_top1 = results
+    return CompletionLogProbs(split(logps), mask, split(entropy), split(mean_logit), split(is_top1))

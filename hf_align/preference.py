@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from . import data
+from .logprobs import CHOSEN, PROMPT, REJECTED
 from .trainer import AlignTrainer
 
 
@@ -56,24 +57,57 @@ def add_bos_eos_ids(dataset, tokenizer, name: str, num_proc=None):
 class DataCollatorForPreference:
     """Pads `prompt_ids` + `chosen_ids` and `prompt_ids` + `rejected_ids` into one batch `[2B, T]`: chosen rows
     first, then rejected. Each sequence is truncated to `max_length` before padding. Precomputed
-    `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors."""
+    `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors.
+
+    With `prefix_sharing`, each pair is instead one row `prompt, chosen, rejected` (`[B, T]`): `input_ids`,
+    `attention_mask` and `segment_ids` (`logprobs.PROMPT` / `CHOSEN` / `REJECTED`, 0 on padding), for
+    `logprobs.shared_prefix_logprobs`. Each completion is truncated as in its own row, which needs
+    `truncation_mode="keep_start"` (the prompt is kept whole) when `max_length` is set."""
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    prefix_sharing: bool = False
+
+    def __post_init__(self):
+        if self.prefix_sharing and self.max_length is not None and self.truncation_mode != "keep_start":
+            raise ValueError("prefix sharing needs truncation_mode='keep_start': 'keep_end' would cut the prompt "
+                             "differently for chosen and rejected.")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [example["prompt_ids"] for example in examples]
-        completions = [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples]
-        batch = data.collate_prompt_completions(
-            prompts + prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
-            self.pad_to_multiple_of,
-        )
+        if self.prefix_sharing:
+            batch = self._pack_pairs(examples)
+        else:
+            prompts = [example["prompt_ids"] for example in examples]
+            completions = [example["chosen_ids"] for example in examples] + [
+                example["rejected_ids"] for example in examples
+            ]
+            batch = data.collate_prompt_completions(
+                prompts + prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
+                self.pad_to_multiple_of,
+            )
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([example[key] for example in examples])
         return batch
+
+    def _pack_pairs(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """One right-padded row `prompt, chosen, rejected` per pair, with its `segment_ids`."""
+        ids, segments = [], []
+        for example in examples:
+            prompt = data.truncate(list(example["prompt_ids"]), self.max_length, "keep_start")
+            chosen, rejected = (
+                data.truncate(prompt + list(example[column]), self.max_length, "keep_start")[len(prompt):]
+                for column in ("chosen_ids", "rejected_ids")
+            )
+            ids.append(torch.tensor(prompt + chosen + rejected))
+            segments.append(torch.tensor([PROMPT] * len(prompt) + [CHOSEN] * len(chosen) + [REJECTED] * len(rejected)))
+        return {
+            "input_ids": data.pad(ids, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": data.pad([torch.ones_like(i) for i in ids], 0, self.pad_to_multiple_of),
+            "segment_ids": data.pad(segments, 0, self.pad_to_multiple_of),
+        }
 
 
 class ReferenceFreePreferenceTrainer(AlignTrainer):

@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prefix_sharing", action="store_true",
-                        help="hf_align packs each pair as one row (its tokens/s then counts each prompt once).")
+                        help="hf_align packs each pair as one row (tokens/s still counts the prompt for both sequences).")
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()

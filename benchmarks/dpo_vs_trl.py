@@ -16,7 +16,8 @@ import argparse
 import os
 import tempfile
 
-from harness import benchmark_dataset, build_benchmark_model, report_child, run_alternating, time_training
+from harness import (benchmark_dataset, build_benchmark_model, pairwise_settings, report_child, run_alternating,
+                     time_training)
 
 
 def run_one(args) -> dict:
@@ -28,12 +29,7 @@ def run_one(args) -> dict:
     else:
         from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
-        learning_rate=1e-5, max_length=args.max_length, bf16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
+    config = DPOConfig(**pairwise_settings(args))
     if args.prefix_sharing and args.impl == "hf_align":
         config.prefix_sharing = True
     trainer = DPOTrainer(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))

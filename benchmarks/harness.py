@@ -9,6 +9,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -45,6 +46,16 @@ def benchmark_dataset(prompt_tokens: int, rows: int):
     )
     return Dataset.from_list(
         [{"prompt": context + row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]} for row in base]
+    )
+
+
+def pairwise_settings(args) -> dict:
+    """The Config fields every pairwise run shares: fp32, no gradient checkpointing, the same batch, length, learning
+    rate and seed, `warmup + steps` steps, no logging, saving or progress bars."""
+    return dict(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+        learning_rate=1e-5, max_length=args.max_length, bf16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
     )
 
 

@@ -23,7 +23,8 @@ import os
 import sys
 import tempfile
 
-from harness import benchmark_dataset, build_benchmark_model, report_child, run_alternating, time_training
+from harness import (benchmark_dataset, build_benchmark_model, pairwise_settings, report_child, run_alternating,
+                     time_training)
 
 ALGORITHMS = ("dpo", "orpo", "simpo")
 
@@ -35,11 +36,7 @@ def run_one(args) -> dict:
     import hf_align
 
     trainer_cls = {"dpo": hf_align.DPOTrainer, "orpo": hf_align.ORPOTrainer, "simpo": hf_align.SimPOTrainer}[args.algo]
-    config = trainer_cls.config_class(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
-        learning_rate=1e-5, max_length=args.max_length, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
-    )
+    config = trainer_cls.config_class(**pairwise_settings(args))
     trainer = trainer_cls(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400))
     return {"algo": args.algo, **time_training(trainer, args.warmup, args.steps),
             "has_reference": getattr(trainer, "ref_model", None) is not None}

@@ -16,8 +16,8 @@ import argparse
 import os
 import tempfile
 
-from harness import (benchmark_dataset, build_benchmark_model, pairwise_settings, report_child, run_alternating,
-                     time_training)
+from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, pairwise_child_flags,
+                     pairwise_settings, report_child, run_alternating, time_training)
 
 
 def run_one(args) -> dict:
@@ -38,20 +38,10 @@ def run_one(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--prompt_tokens", type=int, default=48)
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--hidden_size", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_pairwise_arguments(parser, rounds=2, steps=20, warmup=3, hidden_size=384, layers=4)
     parser.add_argument("--prefix_sharing", action="store_true",
                         help="hf_align packs each pair as one row (tokens/s still counts the prompt for both sequences).")
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.impl:  # a child run
@@ -61,10 +51,10 @@ def main():
     workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
     model_path = os.path.join(workdir, "model")
     build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
-    passthrough = [f"--{k}={getattr(args, k)}" for k in
-                   ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
+    args.model = model_path
+    passthrough = pairwise_child_flags(args)
     passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
-    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
+    median = run_alternating(__file__, "impl", ("hf_align", "trl"), passthrough,
                              args.rounds)
     print()
     print(f"| DPO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} | hf_align | TRL | hf_align / TRL |")

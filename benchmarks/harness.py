@@ -3,6 +3,7 @@ and running the contenders as alternating child processes (so each peak RSS is o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -47,6 +48,29 @@ def benchmark_dataset(prompt_tokens: int, rows: int):
     return Dataset.from_list(
         [{"prompt": context + row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]} for row in base]
     )
+
+
+PAIRWISE_CHILD_FLAGS = ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")
+
+
+def add_pairwise_arguments(parser, *, rounds: int, steps: int, warmup: int, hidden_size: int, layers: int) -> None:
+    """The flags every pairwise benchmark takes (the model's shape and the run's length differ between them)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--prompt_tokens", type=int, default=48)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--hidden_size", type=int, default=hidden_size)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+
+
+def pairwise_child_flags(args) -> list[str]:
+    """What the parent passes on to each child run."""
+    return [f"--model={args.model}", *(f"--{key}={getattr(args, key)}" for key in PAIRWISE_CHILD_FLAGS)]
 
 
 def pairwise_settings(args) -> dict:

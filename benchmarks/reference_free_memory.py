@@ -23,8 +23,8 @@ import os
 import sys
 import tempfile
 
-from harness import (benchmark_dataset, build_benchmark_model, pairwise_settings, report_child, run_alternating,
-                     time_training)
+from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, pairwise_child_flags,
+                     pairwise_settings, report_child, run_alternating, time_training)
 
 ALGORITHMS = ("dpo", "orpo", "simpo")
 
@@ -44,18 +44,8 @@ def run_one(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--prompt_tokens", type=int, default=48)
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--hidden_size", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_pairwise_arguments(parser, rounds=1, steps=10, warmup=2, hidden_size=768, layers=8)
     parser.add_argument("--algo", choices=ALGORITHMS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.algo:  # a child run
@@ -65,9 +55,9 @@ def main():
     workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
     model_path = os.path.join(workdir, "model")
     build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
-    passthrough = [f"--{k}={getattr(args, k)}" for k in
-                   ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")]
-    median = run_alternating(__file__, "algo", ALGORITHMS, [f"--model={model_path}", *passthrough], args.rounds)
+    args.model = model_path
+    passthrough = pairwise_child_flags(args)
+    median = run_alternating(__file__, "algo", ALGORITHMS, passthrough, args.rounds)
     print("reference model kept:", {algo: median[algo]["has_reference"] for algo in ALGORITHMS})
     dpo = median["dpo"]
     print()

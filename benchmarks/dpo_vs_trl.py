@@ -7,7 +7,9 @@ Both trainers get the same model (a Llama with a 32k vocabulary built offline, ~
 fp32, no gradient checkpointing, the same batch size, max_length and learning rate, and no `ref_model` (hf_align
 keeps an in-memory copy, TRL reloads one from disk). Each run is its own process (peak RSS is the process's); runs
 alternate hf_align, TRL, hf_align, TRL... and the median of each side is reported. Tokens/s counts the non-pad
-tokens of the chosen and rejected sequences of the timed steps (after `--warmup` steps).
+tokens of the chosen and rejected sequences of the timed steps (after `--warmup` steps). The last row is the model
+FLOP/s reached as a fraction of the machine's fp32 matmul throughput (`harness.matmul_fraction`, counting the policy's
+forward and backward and the reference's forward).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import argparse
 import os
 import tempfile
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, pairwise_child_flags,
-                     pairwise_settings, report_child, run_alternating, time_training)
+from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, comparison_rows,
+                     machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
+                     run_alternating, time_training)
 
 
 def run_one(args) -> dict:
@@ -50,19 +53,16 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
     model_path = os.path.join(workdir, "model")
-    build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    machine_gflops = machine_matmul_gflops(args.threads)
     args.model = model_path
     passthrough = pairwise_child_flags(args)
     passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), passthrough,
                              args.rounds)
-    print()
-    print(f"| DPO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} | hf_align | TRL | hf_align / TRL |")
-    print("|---|---|---|---|")
-    print(f"| tokens/s | {median['hf_align']['tokens_per_s']:.0f} | {median['trl']['tokens_per_s']:.0f} | "
-          f"{median['hf_align']['tokens_per_s'] / median['trl']['tokens_per_s']:.2f}x |")
-    print(f"| peak RSS (MB) | {median['hf_align']['peak_rss_mb']:.0f} | {median['trl']['peak_rss_mb']:.0f} | "
-          f"{median['hf_align']['peak_rss_mb'] / median['trl']['peak_rss_mb']:.2f}x |")
+    print_comparison(f"DPO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size}"
+                     + (", hf_align with prefix sharing" if args.prefix_sharing else ""),
+                     comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ beta = 0, `num_generations` completions per prompt and the same batch size. Each
 alternate and the median of each side is reported. Generation time is the time spent in each trainer's sampling call
 (hf_align: `rollout.generate_completions`, TRL: `GRPOTrainer._generate_single_turn`); training time is the rest of
 the timed steps (log-probs, loss, backward, optimizer). Tokens/s of the training phase counts prompt + completion
-tokens of the sampled rows.
+tokens of the sampled rows. The last row is the training phase's model FLOP/s as a fraction of the machine's fp32
+matmul throughput (`harness.matmul_fraction`, counting the forward and backward; beta = 0 needs no reference).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import resource
 import tempfile
 import time
 
-from harness import build_benchmark_model, report_child, run_alternating
+from harness import (build_benchmark_model, comparison_rows, machine_matmul_gflops, print_comparison, report_child,
+                     run_alternating)
 
 
 def exact_answer(completions, answer, **kwargs):
@@ -49,24 +51,27 @@ def run_one(args) -> dict:
     )
     trainer = GRPOTrainer(args.model, exact_answer, args=config, train_dataset=load_default_dataset("comparisons"))
 
-    generation_seconds, tokens, step_ends = [], [], []
+    generation_seconds, token_counts, step_ends = [], [], []
 
     def timed(generate, count_tokens):
         def wrapper(*a, **kw):
             start = time.perf_counter()
             out = generate(*a, **kw)
             generation_seconds.append(time.perf_counter() - start)
-            tokens.append(count_tokens(a, kw, out))
+            token_counts.append(count_tokens(a, kw, out))
             return out
         return wrapper
 
+    # (prompt + completion tokens, completion tokens) of the sampled rows
     if args.impl == "hf_align":
         sampling_module.generate_completions = timed(
             sampling_module.generate_completions,
-            lambda a, kw, out: sum(map(len, out.prompt_ids)) + int(out.completion_mask.sum()))
+            lambda a, kw, out: (sum(map(len, out.prompt_ids)) + int(out.completion_mask.sum()),
+                                int(out.completion_mask.sum())))
     else:
         trainer._generate_single_turn = timed(
-            trainer._generate_single_turn, lambda a, kw, out: sum(map(len, a[0])) + sum(map(len, out[0])))
+            trainer._generate_single_turn,
+            lambda a, kw, out: (sum(map(len, a[0])) + sum(map(len, out[0])), sum(map(len, out[0]))))
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, *_args, **_kwargs):
@@ -77,13 +82,15 @@ def run_one(args) -> dict:
     # One generation per optimizer step (steps_per_generation = gradient_accumulation_steps = 1).
     total = step_ends[-1] - step_ends[args.warmup - 1]
     generating = sum(generation_seconds[args.warmup : args.warmup + args.steps])
-    trained_tokens = sum(tokens[args.warmup : args.warmup + args.steps])
+    trained_tokens = sum(count for count, _ in token_counts[args.warmup : args.warmup + args.steps])
     return {
         "impl": args.impl,
         "generation_s": generating,
         "training_s": total - generating,
         "tokens_per_s": trained_tokens / (total - generating),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens": trained_tokens,
+        "head_tokens": sum(head for _, head in token_counts[args.warmup : args.warmup + args.steps]),
     }
 
 
@@ -108,22 +115,18 @@ def main():
         return
 
     model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
-    build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    machine_gflops = machine_matmul_gflops(args.threads)
     passthrough = [f"--{k}={getattr(args, k)}" for k in
                    ("steps", "warmup", "batch_size", "generations", "max_completion_length", "threads")]
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
                              args.rounds)
     ours, theirs = median["hf_align"], median["trl"]
-    print()
-    print(f"| GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new tokens "
-          "| hf_align | TRL | hf_align / TRL |")
-    print("|---|---|---|---|")
-    print(f"| training tokens/s | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
-          f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
-    print(f"| generation seconds ({args.steps} steps, last round; lower is better) | {ours['generation_s']:.1f} | "
-          f"{theirs['generation_s']:.1f} | {ours['generation_s'] / theirs['generation_s']:.2f}x |")
-    print(f"| peak RSS (MB) | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
-          f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x |")
+    rows = comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=0)
+    rows.insert(1, (f"generation seconds ({args.steps} steps, last round; lower is better)", ours["generation_s"],
+                    theirs["generation_s"], ".1f"))
+    print_comparison(f"GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new tokens "
+                     "(tokens/s, matmul: training phase)", rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the benchmarks share: the offline benchmark model and pairs, timing one training run inside its own process,
-and running the contenders as alternating child processes (so each peak RSS is one run's) with their medians."""
+"""What the benchmarks share: the offline benchmark model and data, timing one training run inside its own process,
+running the contenders as alternating child processes (so each peak RSS is one run's) with their medians, the
+machine's fp32 matmul throughput, and the side-by-side table."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import tempfile
 import time
 
 
-def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: int) -> None:
-    """A randomly initialised Llama with the embedded tokenizer's special tokens, saved with it to `path`."""
+def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: int) -> tuple[int, int]:
+    """A randomly initialised Llama with the embedded tokenizer's special tokens, saved with it to `path`. Returns
+    what `matmul_fraction` needs: the decoder's parameter count (all but the input embedding, a lookup, and the LM
+    head) and the LM head's."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -33,21 +36,23 @@ def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     print(f"benchmark model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+    lm_head_params = model.get_output_embeddings().weight.numel()
+    embedding_params = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embedding_params - lm_head_params, lm_head_params
 
 
-def benchmark_dataset(prompt_tokens: int, rows: int):
-    """The embedded pairs, with each prompt lengthened to about `prompt_tokens` tokens by a shared context."""
+def benchmark_dataset(prompt_tokens: int, rows: int, name: str = "preference"):
+    """The embedded dataset `name` (by default the pairs), with each prompt lengthened to about `prompt_tokens`
+    tokens by a shared context."""
     from datasets import Dataset
 
     from hf_align.defaults import load_default_dataset
 
-    base = load_default_dataset("preference").select(range(min(rows, 400)))
+    base = load_default_dataset(name).select(range(min(rows, 400)))
     context = "Context: the user has asked many careful questions about everyday tasks before. " * max(
         1, prompt_tokens // 16
     )
-    return Dataset.from_list(
-        [{"prompt": context + row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]} for row in base]
-    )
+    return Dataset.from_list([{**row, "prompt": context + row["prompt"]} for row in base])
 
 
 PAIRWISE_CHILD_FLAGS = ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")
@@ -83,20 +88,33 @@ def pairwise_settings(args) -> dict:
     )
 
 
+def batch_token_counts(batch) -> tuple[int, int]:
+    """A collated batch's non-pad tokens as unpacked `prompt + completion` rows hold them (a prompt shared by packed
+    completions counts once per completion), and its head tokens: the positions whose next-token prediction enters
+    the loss (the tokens `labels` keeps, else the completion tokens), the only ones that need the LM head. A KTO
+    batch's mismatched KL rows (`KL_*` keys) are not counted: they hold the same tokens as its rows, forward only."""
+    from hf_align.packing import batch_token_count
+
+    if "labels" in batch:  # language modelling (SFT); packed padding-free rows have no attention mask and no padding
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        # a row's first token is predicted by no position
+        return int(tokens), int((batch["labels"][:, 1:] != -100).sum())
+    if "completion_index" in batch:  # packed completions (`hf_align.packing`)
+        return int(batch_token_count(batch)), int((batch["completion_index"] >= 0).sum())
+    return int(batch_token_count(batch)), int(batch["completion_mask"].sum())
+
+
 def time_training(trainer, warmup: int, steps: int) -> dict:
     """Trains `trainer` (its `max_steps` = `warmup + steps`) and measures the `steps` after the warm-up: non-pad
-    tokens per second of the collated batches, and the process's peak RSS so far."""
+    tokens per second of the collated batches (`batch_token_counts`), and the process's peak RSS so far."""
     from transformers import TrainerCallback
 
-    batch_tokens, step_ends = [], []
+    batch_counts, step_ends = [], []
     collate = trainer.data_collator
 
     def counting_collator(examples):
         batch = collate(examples)
-        tokens = batch["attention_mask"].sum()
-        if "segment_ids" in batch:  # prefix-shared pairs hold each prompt once for two sequences: count it twice
-            tokens = tokens + (batch["segment_ids"] == 1).sum()
-        batch_tokens.append(int(tokens))
+        batch_counts.append(batch_token_counts(batch))
         return batch
 
     class StepTimer(TrainerCallback):
@@ -107,12 +125,13 @@ def time_training(trainer, warmup: int, steps: int) -> dict:
     trainer.add_callback(StepTimer())
     trainer.train()
     seconds = step_ends[-1] - step_ends[warmup - 1]
-    tokens = sum(batch_tokens[warmup : warmup + steps])
+    tokens = sum(count for count, _ in batch_counts[warmup : warmup + steps])
     return {
         "tokens_per_s": tokens / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds": seconds,
         "tokens": tokens,
+        "head_tokens": sum(head for _, head in batch_counts[warmup : warmup + steps]),
     }
 
 
@@ -141,3 +160,63 @@ def run_alternating(script: str, flag: str, contenders, child_args: list[str], r
 
 def report_child(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def machine_matmul_gflops(threads: int) -> float:
+    """The machine's fp32 matmul throughput in GFLOP/s on `threads` threads (the runs' count): the best of 5 timed
+    `torch.mm` of two 2048 x 2048 fp32 matrices, 2 * 2048^3 FLOPs each, after one untimed."""
+    import torch
+
+    torch.set_num_threads(threads)
+    size = 2048
+    left, right, product = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    torch.mm(left, right, out=product)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(left, right, out=product)
+        best = min(best, time.perf_counter() - start)
+    gflops = 2 * size**3 / best / 1e9
+    print(f"fp32 matmul: {gflops:.0f} GFLOP/s ({size}x{size} torch.mm, {threads} thread(s), best of 5)", flush=True)
+    return gflops
+
+
+def matmul_fraction(result: dict, parameter_counts: tuple[int, int], machine_gflops: float,
+                    forward_only_passes: int) -> float:
+    """The model FLOP/s of a run at its `tokens_per_s`, as a fraction of `machine_gflops`.
+
+    FLOPs per token = (6 + 2 * forward_only_passes) * (decoder_params + lm_head_params * head_tokens / tokens), with
+    `parameter_counts` = (decoder_params, lm_head_params) from `build_benchmark_model`, and `tokens`, `head_tokens`
+    as `batch_token_counts` counts them: 2 FLOPs per parameter and token forward and 4 backward for the trained
+    model, 2 more for each forward-only pass over the same tokens (a reference model; KTO's KL rows). The LM head is
+    counted at the head tokens only, the useful work, so both contenders are credited the same FLOPs for the same
+    tokens: an implementation that projects more positions (TRL's fused head scores every position on a CPU) does
+    that work uncredited, as in model-FLOPs utilisation. Not counted: generation, and attention's score and value
+    products, per token about 6 * hidden * layers * row length with a causal mask, against the decoder's 72 * hidden^2
+    * layers (a Llama with intermediate size 8/3 hidden): row length / (12 * hidden) more, 7% for 330-token rows at
+    384 hidden."""
+    decoder_params, lm_head_params = parameter_counts
+    params_per_token = decoder_params + lm_head_params * result["head_tokens"] / result["tokens"]
+    flops_per_token = (6 + 2 * forward_only_passes) * params_per_token
+    return result["tokens_per_s"] * flops_per_token / (machine_gflops * 1e9)
+
+
+def comparison_rows(median: dict[str, dict], parameter_counts: tuple[int, int], machine_gflops: float,
+                    forward_only_passes: int) -> list[tuple[str, float, float, str]]:
+    """The rows every table has, hf_align's and TRL's medians: tokens/s, peak RSS and `matmul_fraction`."""
+    ours, theirs = median["hf_align"], median["trl"]
+    fraction = [matmul_fraction(side, parameter_counts, machine_gflops, forward_only_passes) for side in (ours, theirs)]
+    return [
+        ("tokens/s", ours["tokens_per_s"], theirs["tokens_per_s"], ".0f"),
+        ("peak RSS (MB)", ours["peak_rss_mb"], theirs["peak_rss_mb"], ".0f"),
+        ("model FLOP/s / fp32 matmul throughput", *fraction, ".1%"),
+    ]
+
+
+def print_comparison(title: str, rows: list[tuple[str, float, float, str]]) -> None:
+    """A markdown table: per (label, hf_align's value, TRL's value, format) row, both values and hf_align / TRL."""
+    print()
+    print(f"| {title} | hf_align | TRL | hf_align / TRL |")
+    print("|---|---|---|---|")
+    for label, ours, theirs, value_format in rows:
+        print(f"| {label} | {ours:{value_format}} | {theirs:{value_format}} | {ours / theirs:.2f}x |")

@@ -2,6 +2,7 @@
 
 from .config import AlignConfig
 from .data import DataError
+from .evaluate import EvaluationCallback
 from .trainer import AlignTrainer
 from .preference import DataCollatorForPreference
 from .trainers.dpo import DPOConfig, DPOTrainer
@@ -31,6 +32,7 @@ __all__ = [
     "AlignTrainer",
     "DataCollatorForPreference",
     "DataError",
+    "EvaluationCallback",
     "DPOConfig",
     "DPOTrainer",
     "DataCollatorForBeliefPreference", "DistributionalGDPOConfig", "DistributionalGDPOTrainer",

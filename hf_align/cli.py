@@ -4,6 +4,7 @@
     hf-align dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
     hf-align dpo --config my.yaml --beta 0.05      # YAML keys are flags; flags on the command line win
     hf-align recommend trl-lib/ultrafeedback_binarized
+    hf-align eval --model_name_or_path outputs/dpo --ref_model hf-align/tiny-chat   # metrics as JSON
     hf-align env
 
 `hf-align <algorithm> ARGS` runs `examples/<algorithm>.py` exactly as `python examples/<algorithm>.py ARGS` would
@@ -49,6 +50,7 @@ ALGORITHMS = {
 OTHER_COMMANDS = {
     "recommend": "which trainer fits a dataset (hf_align.advisor): hf-align recommend DATASET [--split S]",
     "env": "versions of hf_align and its dependencies, the device, and the precision precision=\"auto\" picks",
+    "eval": "a model against its reference on held-out pairs, the metrics as JSON (hf_align.evaluate)",
 }
 # The PPO example's stage prefixes (`--sft.learning_rate=...`): a nested mapping under these keys in a YAML file.
 PPO_STAGES = ("sft", "reward")
@@ -240,6 +242,7 @@ def usage() -> str:
     lines = [
         f"usage: {PROG} <algorithm> [--model_name_or_path M] [--dataset_name D] [--config FILE.yaml] [--<field> V ...]",
         f"       {PROG} recommend DATASET [--split S] [--config NAME]",
+        f"       {PROG} eval [--model_name_or_path M] [--ref_model R] [--dataset_name D] [--reward_model RM] [...]",
         f"       {PROG} env",
         "",
         "Trains with the same code as examples/<algorithm>.py. With no model and no dataset it trains the embedded tiny",
@@ -279,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             from .advisor import main as advise
 
             return advise(rest)
+        if command == "eval":
+            from .evaluate import main as evaluate
+
+            return evaluate(rest)
         return run_example(command, expand_config(rest, command))
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_STEPS = ("error", "skip")
 
 
 def cuda_supports_bf16() -> bool:
@@ -28,6 +29,10 @@ class AlignConfig(TrainingArguments):
     Defaults that differ from `TrainingArguments` and match TRL's trainers: `logging_steps=10`,
     `remove_unused_columns=False` (the trainer keeps the columns its collator reads). `gradient_checkpointing` keeps
     the transformers default (off): TRL turns it on, which costs ~20% speed for memory a small run does not need.
+
+    A NaN or inf loss or gradient stops training with a `FloatingPointError` naming the global step and the quantity;
+    `nonfinite_steps="skip"` instead leaves the parameters of such an optimizer step unchanged (the learning-rate
+    schedule still advances), warns, and logs the running count as `skipped_steps`.
     """
 
     precision: str = field(
@@ -55,12 +60,20 @@ class AlignConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept for TRL compatibility; the trainer selects the columns it needs."}
     )
+    nonfinite_steps: str = field(
+        default="error",
+        metadata={"help": "What an optimizer step with a NaN/inf loss or gradient does: error (stop training with an "
+                  "error naming the step and the quantity) or skip (no parameter update for that step, a warning, "
+                  "and `skipped_steps` in the logs)."},
+    )
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        if self.nonfinite_steps not in NONFINITE_STEPS:
+            raise ValueError(f"nonfinite_steps must be one of {NONFINITE_STEPS}, got {self.nonfinite_steps!r}")
         if isinstance(self.model_init_kwargs, str):
             import json
 
@@ -105,3 +118,18 @@ class AlignConfig(TrainingArguments):
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
+
+
+@dataclass
+class PackingArguments:
+    """The packed-row options of the trainers that score completions of prompts (`hf_align.packing`): both keep every
+    log-prob as it is in the completion's own `prompt + completion` row, and both need eager or sdpa attention."""
+
+    prefix_sharing: bool = field(
+        default=False, metadata={"help": "Run each prompt once for all of its completions in a batch (DPO's chosen "
+                                 "and rejected, a group's samples) instead of once per completion."}
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "Pack a batch's sequences into one row with no padding (attention then "
+                                 "costs the square of the packed row's length)."}
+    )

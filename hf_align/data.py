@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from datasets import Dataset, IterableDataset
+from jinja2 import TemplateError
 from trl.data_utils import extract_prompt
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,20 @@ def map_kwargs(dataset, desc: str, num_proc: int | None = None) -> dict:
     return {"num_proc": num_proc, "desc": desc} if isinstance(dataset, Dataset) else {}
 
 
+def first_row(dataset, name: str) -> dict:
+    """The dataset's first row (the format is read from it); `DataError` when it has no rows."""
+    for row in dataset:
+        return row
+    raise DataError(f"The {name} dataset has no rows; nothing to train on.")
+
+
+def dataset_columns(dataset, name: str) -> list[str]:
+    """The dataset's columns: an `IterableDataset` whose features are unknown gives its first row's."""
+    return dataset.column_names if dataset.column_names is not None else list(first_row(dataset, name))
+
+
 def check_columns(dataset, name: str, required: Sequence[str]) -> None:
-    columns = dataset.column_names
-    if columns is None:  # an IterableDataset whose features are unknown
-        columns = list(next(iter(dataset)).keys())
+    columns = dataset_columns(dataset, name)
     missing = [column for column in required if column not in columns]
     if missing:
         raise DataError(f"The {name} dataset has no column {missing} (its columns: {columns}).")
@@ -78,7 +89,7 @@ def extract_implicit_prompt(dataset, name: str, num_proc=None):
     if "prompt" in (dataset.column_names or []):
         return dataset
     check_columns(dataset, name, ["chosen", "rejected"])
-    conversational = is_conversational_row(next(iter(dataset)), ["chosen", "rejected"])
+    conversational = is_conversational_row(first_row(dataset, name), ["chosen", "rejected"])
 
     def checked_extract(row, index):
         for column in ("chosen", "rejected"):
@@ -104,35 +115,55 @@ def chat_template_kwargs(row: dict) -> dict:
     return {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
 
 
-def _render_ids(tokenizer, value, conversational: bool, template_kwargs: dict, add_generation_prompt=False):
+# What a chat template raises on messages it cannot render: its own `raise_exception` (a role or a turn order it
+# refuses) and other template errors, or a TypeError (content it cannot concatenate, such as a list of parts).
+TEMPLATE_ERRORS = (TemplateError, TypeError)
+
+
+def apply_chat_template(tokenizer, messages: list, where: str, **kwargs) -> dict:
+    """`tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)`, raising `DataError`
+    naming `where` when the template cannot render the messages."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except TEMPLATE_ERRORS as error:
+        raise DataError(
+            f"{where}: the tokenizer's chat template cannot render these messages ({type(error).__name__}: {error})."
+        ) from error
+
+
+def _render_ids(tokenizer, value, where: str, *, conversational: bool, template_kwargs: dict,
+                add_generation_prompt: bool = False) -> list[int]:
     if conversational:
-        return list(
-            tokenizer.apply_chat_template(
-                value, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **template_kwargs
-            )["input_ids"]
+        rendered = apply_chat_template(
+            tokenizer, value, where, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
+        return list(rendered["input_ids"])
     return list(tokenizer(text=value)["input_ids"])
 
 
 def tokenize_prompt_completions(
-    tokenizer, row: dict, completion_columns: Sequence[str], *, conversational: bool, append_eos: bool = True
+    tokenizer, row: dict, completion_columns: Sequence[str], where: str, *, conversational: bool,
+    append_eos: bool = True,
 ) -> dict[str, list[int]]:
     """Tokenizes `prompt` and each `prompt + completion` exactly as TRL does, so ids match token for token.
 
     Standard text gets the eos token appended to each completion that lacks it (not with `append_eos=False`: for a
     completion the model goes on from, such as a belief that precedes its response). The prompt is the longest prefix
     shared by the tokenized prompt and every tokenized prompt+completion (BPE can merge across the boundary, and some
-    chat templates render a lone prompt differently); each completion is the rest.
+    chat templates render a lone prompt differently); each completion is the rest. A chat template that cannot
+    render the row raises `DataError` naming `where` (the row) and the column.
     Returns `prompt_ids` and `{column}_ids` for each completion column."""
     template_kwargs = chat_template_kwargs(row)
     prompt = row["prompt"]
-    prompt_ids = _render_ids(tokenizer, prompt, conversational, template_kwargs, add_generation_prompt=True)
+    prompt_ids = _render_ids(tokenizer, prompt, f"{where}, column 'prompt'", conversational=conversational,
+                             template_kwargs=template_kwargs, add_generation_prompt=True)
     full_ids = {}
     for column in completion_columns:
         completion = row[column]
         if append_eos and not conversational and not completion.endswith(tokenizer.eos_token):
             completion = completion + tokenizer.eos_token
-        full_ids[column] = _render_ids(tokenizer, prompt + completion, conversational, template_kwargs)
+        full_ids[column] = _render_ids(tokenizer, prompt + completion, f"{where}, column '{column}'",
+                                       conversational=conversational, template_kwargs=template_kwargs)
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
     out = {"prompt_ids": prompt_ids[:prompt_len]}
     for column, ids in full_ids.items():
@@ -140,18 +171,20 @@ def tokenize_prompt_completions(
     return out
 
 
-def tokenize_sequence(tokenizer, row: dict, value, *, conversational: bool, assistant_masks: bool = False) -> dict:
+def tokenize_sequence(
+    tokenizer, row: dict, value, *, conversational: bool, assistant_masks: bool = False, where: str = "the messages"
+) -> dict:
     """Token ids of one whole sequence, as TRL's SFT and reward trainers tokenize it: a string gets the eos token
     appended when it lacks it and goes through the tokenizer; a message list goes through the chat template with the
-    row's `tools` and `chat_template_kwargs`. Returns `{"input_ids": [...]}`, plus, with `assistant_masks`
-    (conversational only), the template's `assistant_masks`: 1 on tokens inside its `{% generation %}` markers."""
+    row's `tools` and `chat_template_kwargs` (a template that cannot render it raises `DataError` naming `where`, the
+    row and column). Returns `{"input_ids": [...]}`, plus, with `assistant_masks` (conversational only), the
+    template's `assistant_masks`: 1 on tokens inside its `{% generation %}` markers."""
     if not conversational:
         if not value.endswith(tokenizer.eos_token):
             value = value + tokenizer.eos_token
         return {"input_ids": list(tokenizer(text=value)["input_ids"])}
-    rendered = tokenizer.apply_chat_template(
-        value, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_masks,
-        **chat_template_kwargs(row),
+    rendered = apply_chat_template(
+        tokenizer, value, where, return_assistant_tokens_mask=assistant_masks, **chat_template_kwargs(row)
     )
     out = {"input_ids": list(rendered["input_ids"])}
     if assistant_masks:
@@ -174,13 +207,14 @@ def tokenize_dataset(
     `text_columns` (prompt and completions) must each hold a non-empty string or message list, all in one format
     across the dataset. Keeps `keep_columns` (labels, precomputed values) and drops the rest."""
     check_columns(dataset, name, list(text_columns) + list(keep_columns))
-    first = next(iter(dataset))
+    first = first_row(dataset, name)
     conversational = is_conversational_row(first, text_columns)
 
     def process(row, index):
+        where = f"{name} dataset, row {index}"
         for column in text_columns:
-            check_value(row[column], f"{name} dataset, row {index}, column '{column}'", conversational=conversational)
-        return tokenize_prompt_completions(tokenizer, row, completion_columns, conversational=conversational)
+            check_value(row[column], f"{where}, column '{column}'", conversational=conversational)
+        return tokenize_prompt_completions(tokenizer, row, completion_columns, where, conversational=conversational)
 
     remove = [c for c in (dataset.column_names or first.keys()) if c not in keep_columns]
     kwargs = map_kwargs(dataset, f"Tokenizing {name}", num_proc)
@@ -229,6 +263,15 @@ def pad(sequences: Sequence[torch.Tensor], padding_value, pad_to_multiple_of: in
     return out
 
 
+def truncate_prompt_completion(prompt: Sequence[int], completion: Sequence[int], max_length: int | None,
+                               truncation_mode: str) -> tuple[list[int], list[int]]:
+    """`prompt + completion` truncated to `max_length` as one sequence (TRL's collators), split back into its prompt
+    and completion parts."""
+    ids = truncate(list(prompt) + list(completion), max_length, truncation_mode)
+    completion_length = min(len(completion), len(ids) - len(prompt) if truncation_mode == "keep_start" else len(ids))
+    return ids[: len(ids) - completion_length], ids[len(ids) - completion_length :]
+
+
 def collate_prompt_completions(
     prompt_ids: Sequence[list[int]],
     completion_ids: Sequence[list[int]],
@@ -241,9 +284,9 @@ def collate_prompt_completions(
     `max_length` first (as TRL's collators do) and right-padded."""
     ids, masks = [], []
     for prompt, completion in zip(prompt_ids, completion_ids):
-        ids.append(torch.tensor(truncate(list(prompt) + list(completion), max_length, truncation_mode)))
-        mask = [0] * len(prompt) + [1] * len(completion)
-        masks.append(torch.tensor(truncate(mask, max_length, truncation_mode)))
+        prompt, completion = truncate_prompt_completion(prompt, completion, max_length, truncation_mode)
+        ids.append(torch.tensor(prompt + completion))
+        masks.append(torch.tensor([0] * len(prompt) + [1] * len(completion)))
     return {
         "input_ids": pad(ids, pad_token_id, pad_to_multiple_of),
         "attention_mask": pad([torch.ones_like(i) for i in ids], 0, pad_to_multiple_of),
@@ -256,7 +299,7 @@ def check_rows(dataset, name: str, columns: Sequence[str], num_proc: int | None 
     across the dataset; raises `DataError` naming the row and the column. Returns the dataset (an `IterableDataset`
     is checked as it is read)."""
     check_columns(dataset, name, list(columns))
-    conversational = is_conversational_row(next(iter(dataset)), columns)
+    conversational = is_conversational_row(first_row(dataset, name), columns)
 
     def check(row, index):
         for column in columns:
@@ -264,3 +307,19 @@ def check_rows(dataset, name: str, columns: Sequence[str], num_proc: int | None 
         return {}
 
     return dataset.map(check, with_indices=True, **map_kwargs(dataset, f"Checking {name}", num_proc))
+
+
+def check_prompts(dataset, name: str, tokenizer, num_proc: int | None = None):
+    """`check_rows` for the `prompt` column of an online trainer's dataset, plus what it needs from the tokenizer:
+    the chat template must render each message list as generation will (with the generation prompt), so that a row
+    it cannot render fails here, not in the middle of training. Returns the dataset."""
+    dataset = check_rows(dataset, name, ("prompt",), num_proc)
+    if not is_conversational_row(first_row(dataset, name), ["prompt"]):
+        return dataset  # a string always tokenizes
+
+    def render(row, index):
+        apply_chat_template(tokenizer, row["prompt"], f"{name} dataset, row {index}, column 'prompt'",
+                            add_generation_prompt=True)
+        return {}
+
+    return dataset.map(render, with_indices=True, **map_kwargs(dataset, f"Rendering the prompts of {name}", num_proc))

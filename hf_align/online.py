@@ -11,16 +11,19 @@ normalised whole; each process keeps its own rows' advantages.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather, gather_object, set_seed
 
-from . import data, losses, models
-from .config import AlignConfig
+from . import data, distributed, losses, models
+from .config import AlignConfig, PackingArguments
 from .generation import Completions, SamplingConfig
+from .logprobs import CompletionLogProbs
 from .rewards import RewardScorer
 from .rollout import GroupSampler, completion_token_logprobs, sample_rollout, shuffle_rollout, split_rollout
 from .trainer import AlignTrainer
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineConfig(AlignConfig):
+class OnlineConfig(AlignConfig, PackingArguments):
     """Fields every online trainer shares, with TRL's GRPOConfig names and defaults (except `max_completion_length`,
     see below). `per_device_train_batch_size` counts completions, not prompts: with the defaults a generation batch
     holds `per_device_train_batch_size × num_processes × gradient_accumulation_steps` completions, which must be a
@@ -136,8 +139,12 @@ class OnlineTrainer(AlignTrainer):
         self.reward_scorer = RewardScorer(
             reward_funcs, self.args.reward_weights, reward_processing_classes,
             model_init_kwargs=self.args.model_init_kwargs, device=self.accelerator.device,
+            prepare_model=functools.partial(distributed.prepare_frozen_model, self.accelerator),
         )
         self.ref_model = self.build_reference(None) if self.args.beta != 0 else None
+        # A group can be split between processes: each process samples from its own random stream (seed + its index),
+        # or they would draw the same completions for their shares of the group.
+        set_seed(self.args.seed, device_specific=True)
         self._step = 0  # micro-steps taken, as TRL counts them (for the generation cadence)
         self._buffered_rollouts: list[dict] | None = None
         self._warned_ties = False
@@ -148,8 +155,7 @@ class OnlineTrainer(AlignTrainer):
         reward functions."""
         if not hasattr(dataset, "__len__"):
             raise ValueError(f"The {name} dataset must be a `datasets.Dataset` (with a length), not a stream.")
-        data.check_columns(dataset, name, ["prompt"])
-        data.check_rows(dataset, name, ("prompt",), args.dataset_num_proc)
+        data.check_prompts(dataset, name, self.tokenizer, args.dataset_num_proc)
         return dataset
 
     def default_collator(self, args):
@@ -189,6 +195,22 @@ class OnlineTrainer(AlignTrainer):
             self._buffered_rollouts = split_rollout(rollout, self.args.steps_per_generation)
         return self._buffered_rollouts[self._step % self.args.steps_per_generation]
 
+    def save_training_state(self, checkpoint: str) -> None:
+        super().save_training_state(checkpoint)
+        # A checkpoint can fall inside a generation batch: the resumed run serves the rest of it from this process's
+        # buffer, as the uninterrupted run does (sampling it again would need the policy that sampled it).
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        rollouts = self._buffered_rollouts if self._step % generate_every else None
+        torch.save({"step": self._step, "rollouts": rollouts}, self.rollouts_path(checkpoint))
+
+    def load_training_state(self, checkpoint: str) -> None:
+        super().load_training_state(checkpoint)
+        state = torch.load(self.rollouts_path(checkpoint), map_location=self.accelerator.device, weights_only=True)
+        self._step, self._buffered_rollouts = state["step"], state["rollouts"]
+
+    def rollouts_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"rollouts_{self.args.process_index}.pt")
+
     @property
     def group_size(self) -> int:
         return self.args.num_generations if self.model.training else self.args.num_generations_eval
@@ -204,10 +226,11 @@ class OnlineTrainer(AlignTrainer):
         `beta != 0`), scores the completions and sets this process's `advantages`."""
         device = self.accelerator.device
         prompts = [row["prompt"] for row in rows]
-        rollout, sampled, is_truncated = sample_rollout(
-            self.model, self.tokenizer, prompts, self.sampling_config(len(prompts)),
-            mask_truncated=self.args.mask_truncated_completions, device=device,
-        )
+        with distributed.gathered_for_generation(self.accelerator, self.model) as generator:
+            rollout, sampled, is_truncated = sample_rollout(
+                generator, self.tokenizer, prompts, self.sampling_config(len(prompts)),
+                mask_truncated=self.args.mask_truncated_completions, device=device,
+            )
         rollout["is_truncated"] = is_truncated
         self.record_generation_metrics(rollout, sampled.lengths.to(device), is_truncated)
         rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
@@ -256,8 +279,18 @@ class OnlineTrainer(AlignTrainer):
         """Per-token log-probs `[N, C]` of the rollout's completions under `model`, without gradients, one
         micro-batch of rows at a time."""
         batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        return completion_token_logprobs(model, rollout, temperature=self.args.temperature,
-                                         batch_size=batch_size).token_logps
+        return self.rollout_logprobs(model, rollout, batch_size=batch_size).token_logps
+
+    def rollout_logprobs(self, model, rollout: dict, *, temperature: float | None = None, with_stats: bool = False,
+                         batch_size: int | None = None) -> CompletionLogProbs:
+        """`rollout.completion_token_logprobs` at the sampling temperature (unless given) with the Config's packing
+        (`prefix_sharing`, `padding_free`)."""
+        args = self.args
+        return completion_token_logprobs(
+            model, rollout, temperature=args.temperature if temperature is None else temperature,
+            with_stats=with_stats, batch_size=batch_size, prefix_sharing=args.prefix_sharing,
+            padding_free=args.padding_free,
+        )
 
     def compute_advantages(self, rewards_per_func: torch.Tensor, rollout: dict) -> torch.Tensor:
         """Advantages of every process's completions from the gathered rewards `[N_all, F]` (NaN: a function did

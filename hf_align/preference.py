@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import data
-from .logprobs import CHOSEN, PROMPT, REJECTED
+from . import data, packing
 from .trainer import AlignTrainer
 
 
@@ -59,16 +58,19 @@ class DataCollatorForPreference:
     first, then rejected. Each sequence is truncated to `max_length` before padding. Precomputed
     `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors.
 
-    With `prefix_sharing`, each pair is instead one row `prompt, chosen, rejected` (`[B, T]`): `input_ids`,
-    `attention_mask` and `segment_ids` (`logprobs.PROMPT` / `CHOSEN` / `REJECTED`, 0 on padding), for
-    `logprobs.shared_prefix_logprobs`. Each completion is truncated as in its own row, which needs
-    `truncation_mode="keep_start"` (the prompt is kept whole) when `max_length` is set."""
+    With `prefix_sharing` or `padding_free`, the batch is packed instead (`packing.pack_sequences`, scored by
+    `packing.batch_logprobs`): with `prefix_sharing` each pair is one sequence `prompt, chosen, rejected`, the prompt
+    held once; with `padding_free` every sequence of the batch goes into one row with no padding. Completion `b` is
+    pair `b`'s chosen, completion `B + b` its rejected, as in the `[2B, T]` rows. Each completion is truncated as in
+    its own row; sharing the prompt needs `truncation_mode="keep_start"` (the prompt kept whole) when `max_length`
+    is set."""
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     prefix_sharing: bool = False
+    padding_free: bool = False
 
     def __post_init__(self):
         if self.prefix_sharing and self.max_length is not None and self.truncation_mode != "keep_start":
@@ -76,15 +78,14 @@ class DataCollatorForPreference:
                              "differently for chosen and rejected.")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if self.prefix_sharing:
-            batch = self._pack_pairs(examples)
+        prompts = [example["prompt_ids"] for example in examples]
+        chosen = [example["chosen_ids"] for example in examples]
+        rejected = [example["rejected_ids"] for example in examples]
+        if self.prefix_sharing or self.padding_free:
+            batch = self._pack(prompts, chosen, rejected)
         else:
-            prompts = [example["prompt_ids"] for example in examples]
-            completions = [example["chosen_ids"] for example in examples] + [
-                example["rejected_ids"] for example in examples
-            ]
             batch = data.collate_prompt_completions(
-                prompts + prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
+                prompts + prompts, chosen + rejected, self.pad_token_id, self.max_length, self.truncation_mode,
                 self.pad_to_multiple_of,
             )
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -92,22 +93,18 @@ class DataCollatorForPreference:
                 batch[key] = torch.tensor([example[key] for example in examples])
         return batch
 
-    def _pack_pairs(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """One right-padded row `prompt, chosen, rejected` per pair, with its `segment_ids`."""
-        ids, segments = [], []
-        for example in examples:
-            prompt = data.truncate(list(example["prompt_ids"]), self.max_length, "keep_start")
-            chosen, rejected = (
-                data.truncate(prompt + list(example[column]), self.max_length, "keep_start")[len(prompt):]
-                for column in ("chosen_ids", "rejected_ids")
-            )
-            ids.append(torch.tensor(prompt + chosen + rejected))
-            segments.append(torch.tensor([PROMPT] * len(prompt) + [CHOSEN] * len(chosen) + [REJECTED] * len(rejected)))
-        return {
-            "input_ids": data.pad(ids, self.pad_token_id, self.pad_to_multiple_of),
-            "attention_mask": data.pad([torch.ones_like(i) for i in ids], 0, self.pad_to_multiple_of),
-            "segment_ids": data.pad(segments, 0, self.pad_to_multiple_of),
-        }
+    def _pack(self, prompts, chosen, rejected) -> dict[str, torch.Tensor]:
+        pairs = len(prompts)
+        sequences = []
+        for b, (prompt, *completions) in enumerate(zip(prompts, chosen, rejected)):
+            cut = [data.truncate_prompt_completion(prompt, c, self.max_length, self.truncation_mode)
+                   for c in completions]
+            if self.prefix_sharing:
+                sequences.append((cut[0][0], [cut[0][1], cut[1][1]], [b, pairs + b]))
+            else:
+                sequences += [(cut[0][0], [cut[0][1]], [b]), (cut[1][0], [cut[1][1]], [pairs + b])]
+        return packing.pack_sequences(sequences, self.pad_token_id, padding_free=self.padding_free,
+                                      pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 class ReferenceFreePreferenceTrainer(AlignTrainer):
@@ -151,7 +148,10 @@ class ReferenceFreePreferenceTrainer(AlignTrainer):
     def default_collator(self, args):
         padding_value = getattr(args, "padding_value", None)
         pad_token_id = self.tokenizer.pad_token_id if padding_value is None else padding_value
-        return DataCollatorForPreference(pad_token_id, args.max_length, args.truncation_mode)
+        return DataCollatorForPreference(
+            pad_token_id, args.max_length, args.truncation_mode, prefix_sharing=getattr(args, "prefix_sharing", False),
+            padding_free=getattr(args, "padding_free", False),
+        )
 
     def record_pair_metrics(self, chosen_logps, rejected_logps, mean_logit, completion_mask) -> None:
         """TRL's ORPO/CPO metrics from the mean completion log-probs `[B]` of the pairs: `rewards/*` (reward = β · mean

@@ -10,7 +10,8 @@ A *reward function* has TRL's signature, `f(prompts, completions, completion_ids
   for the completions table) and `log_metric(name, value)` (a scalar metric). `RewardScorer` buffers what they log;
   the trainer collects it with `pop_logs()`. TRL's `environments` keyword is not passed (no trainer here has
   environments).
-- `None` means "does not apply to this sample": it becomes NaN and is left out of sums and means.
+- `None` (or NaN) means "does not apply to this sample": it becomes NaN and is left out of sums and means; a sample
+  no function applies to gets a warning, no reward and no advantage (TRL 1.16). An infinite reward is an error.
 - `async def` reward functions are awaited, one function after another (TRL gathers them concurrently).
 
 A *reward model* is a one-label `PreTrainedModel` sequence classifier (or a model id / path, loaded with
@@ -27,9 +28,10 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import numbers
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -149,8 +151,10 @@ class RewardScorer:
     `reward_processing_classes`: the tokenizer of each reward model (one, or a list aligned with `reward_funcs`, its
     entries for plain functions ignored); a missing one is loaded from the model's id, and a tokenizer without a pad
     token pads with eos. `device`: where reward models (and reward functions with a `to` method, e.g. `JudgeReward`)
-    run; None leaves them where they are. `chat_template_kwargs`: passed to the reward tokenizers' chat template
-    (TRL's `GRPOConfig.chat_template_kwargs`). Reward models are put in eval mode.
+    run; None leaves them where they are. `prepare_model`: places a reward model for the run instead and returns the
+    module to call (the online trainers pass `distributed.prepare_frozen_model` with their accelerator, which shards
+    it under ZeRO-3 / FSDP); `reward_funcs` keeps the model itself. `chat_template_kwargs`: passed to the reward
+    tokenizers' chat template (TRL's `GRPOConfig.chat_template_kwargs`). Reward models are put in eval mode.
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class RewardScorer:
         model_init_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         chat_template_kwargs: dict | None = None,
+        prepare_model: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
     ):
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
@@ -184,8 +189,11 @@ class RewardScorer:
         for func in funcs:
             if isinstance(func, PreTrainedModel):
                 func.eval()
-            if device is not None and callable(getattr(func, "to", None)):
+            elif device is not None and callable(getattr(func, "to", None)):
                 func.to(device)
+        place = prepare_model or (lambda model: model.to(device) if device is not None else model)
+        # reward_funcs index -> the module that scores with that reward model
+        self.model_modules = {i: place(func) for i, func in enumerate(funcs) if isinstance(func, PreTrainedModel)}
         self._extra_columns: dict[str, list] = defaultdict(list)
         self._logged_metrics: dict[str, list[float]] = defaultdict(list)
 
@@ -247,15 +255,16 @@ class RewardScorer:
             return rewards
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.names)):
             if isinstance(func, PreTrainedModel):
-                rewards[:, i] = self._score_with_model(func, self.processing_classes[i], prompts, completions)
+                rewards[:, i] = self._score_with_model(self.model_modules[i], self.processing_classes[i], prompts,
+                                                       completions)
             else:
                 rewards[:, i] = torch.tensor(self._call(func, name, prompts, completions, completion_ids, kwargs))
         unscored = torch.isnan(rewards).all(dim=1)
         if unscored.any():
             row = int(unscored.nonzero()[0])
-            logger.warning(f"Every reward function returned None for sample {row} (prompt: {preview(prompts[row])!r}); "
-                           "it gets no reward and no advantage. Make sure at least one function applies to each "
-                           "sample.")
+            logger.warning(f"Every reward function returned None or NaN for sample {row} (prompt: "
+                           f"{preview(prompts[row])!r}); it gets no reward and no advantage. Make sure at least one "
+                           "function applies to each sample.")
         return rewards
 
     def _call(self, func, name: str, prompts, completions, completion_ids, kwargs) -> list[float]:
@@ -278,6 +287,9 @@ class RewardScorer:
             if reward is None:
                 raise TypeError(f"The reward function '{name}' returned {value!r:.80} ({type(value).__name__}) for "
                                 f"sample {index} (prompt: {preview(prompts[index])!r}): expected a number or None.")
+            if math.isinf(reward):
+                raise ValueError(f"The reward function '{name}' returned {reward} for sample {index} (prompt: "
+                                 f"{preview(prompts[index])!r}): rewards must be finite (None or NaN: does not apply).")
             values.append(reward)
         return values
 
@@ -302,7 +314,7 @@ class RewardScorer:
             "samples, but on none of them alone."
         )
 
-    def _score_with_model(self, model: PreTrainedModel, tokenizer, prompts, completions) -> torch.Tensor:
+    def _score_with_model(self, model: torch.nn.Module, tokenizer, prompts, completions) -> torch.Tensor:
         """`logits[:, 0]` of a reward model for each prompt + completion, rendered as TRL renders them."""
         if data.is_conversational_row({"prompt": prompts[0]}, ["prompt"]):
             texts = [tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs)

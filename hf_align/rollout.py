@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 from . import data
 from .generation import Completions, SamplingConfig, generate_completions, stop_token_ids
 from .logprobs import CompletionLogProbs, completion_logprobs
+from .packing import pack_sequences, packed_logprobs
 
 
 class GroupSampler(Sampler[int]):
@@ -43,6 +44,14 @@ class GroupSampler(Sampler[int]):
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+        self.initial_generator_state = self.generator.get_state()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iteration yield epoch `epoch`'s order (Trainer calls this at every epoch's start, so a run
+        resumed in a later epoch draws the order the uninterrupted run drew there)."""
+        self.generator.set_state(self.initial_generator_state)
+        for _ in range(epoch if self.shuffle else 0):
+            torch.randperm(self.num_rows, generator=self.generator)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.num_rows, generator=self.generator).tolist() if self.shuffle else range(self.num_rows)
@@ -85,25 +94,61 @@ def sample_rollout(model, tokenizer, prompts: list, sampling: SamplingConfig, *,
 
 
 def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0, with_stats: bool = False,
-                              batch_size: int | None = None) -> CompletionLogProbs:
+                              batch_size: int | None = None, prefix_sharing: bool = False,
+                              padding_free: bool = False) -> CompletionLogProbs:
     """Per-token log-probs of the rollout's completions under `model`, aligned with `completion_ids` (`[N, C]`;
     entropy etc. with `with_stats`), `batch_size` rows at a time (all at once when None). Sampling logits are divided
-    by `temperature`, so are these (TRL's convention)."""
+    by `temperature`, so are these (TRL's convention).
+
+    With `prefix_sharing`, the rows of a batch with the same prompt (a group's samples) are packed into one sequence
+    that holds the prompt once; with `padding_free`, the batch's sequences go into one row (`packing`). Either way
+    each token's log-prob is the one it gets in its own row."""
+    batch_size = batch_size or rollout["completion_ids"].size(0)
+    pieces = []
+    for start in range(0, rollout["completion_ids"].size(0), batch_size):
+        part = {key: rollout[key][start : start + batch_size] for key in ROLLOUT_TOKENS}
+        if prefix_sharing or padding_free:
+            pieces.append(_packed_rollout_logprobs(model, part, temperature, with_stats, prefix_sharing, padding_free))
+        else:
+            pieces.append(_rollout_row_logprobs(model, part, temperature, with_stats))
+    fields = ("token_logps", "mask", "entropy", "mean_logit", "is_top1") if with_stats else ("token_logps", "mask")
+    return CompletionLogProbs(**{name: torch.cat([getattr(p, name) for p in pieces]) for name in fields})
+
+
+ROLLOUT_TOKENS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
+def _rollout_row_logprobs(model, rollout, temperature, with_stats) -> CompletionLogProbs:
+    """Each row `prompt + completion` on its own, with the position ids it was sampled with (left padding)."""
     input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
     attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
     score_mask = torch.cat([torch.zeros_like(rollout["prompt_mask"]), rollout["completion_mask"]], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = completion_logprobs(model, input_ids, attention_mask, score_mask, position_ids=position_ids,
+                              temperature=temperature, with_stats=with_stats)
     prompt_length = rollout["prompt_ids"].size(1)
-    batch_size = batch_size or input_ids.size(0)
-    pieces = []
-    for start in range(0, input_ids.size(0), batch_size):
-        rows = slice(start, start + batch_size)
-        out = completion_logprobs(model, input_ids[rows], attention_mask[rows], score_mask[rows],
-                                  position_ids=position_ids[rows], temperature=temperature, with_stats=with_stats)
-        pieces.append(out)
-    fields = ("token_logps", "mask", "entropy", "mean_logit", "is_top1") if with_stats else ("token_logps", "mask")
-    joined = {name: torch.cat([getattr(p, name)[:, prompt_length:] for p in pieces]) for name in fields}
-    return CompletionLogProbs(**joined)
+    return CompletionLogProbs(**{name: None if value is None else value[:, prompt_length:]
+                                 for name, value in vars(out).items()})
+
+
+def _packed_rollout_logprobs(model, rollout, temperature, with_stats, prefix_sharing,
+                             padding_free) -> CompletionLogProbs:
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout["prompt_ids"], rollout["prompt_mask"])]
+    completions = [
+        ids[mask.bool()].tolist() for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"])
+    ]
+    groups: dict[tuple, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt) if prefix_sharing else (row,), []).append(row)
+    sequences = [(prompts[rows[0]], [completions[row] for row in rows], rows) for rows in groups.values()]
+    device = rollout["completion_ids"].device
+    packed = {key: value.to(device) for key, value in
+              pack_sequences(sequences, pad_token_id=0, padding_free=padding_free).items()}
+    return packed_logprobs(
+        model, packed["input_ids"], packed["sequence_ids"], packed["completion_index"],
+        num_completions=len(prompts), width=rollout["completion_ids"].size(1), temperature=temperature,
+        with_stats=with_stats,
+    )
 
 
 def split_rollout(rollout: dict, parts: int) -> list[dict]:

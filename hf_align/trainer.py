@@ -3,6 +3,7 @@ reference log-probs precomputed once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -14,15 +15,35 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import defaults, models
+from . import defaults, distributed, models
 from .config import AlignConfig
+from .data import DataError
 
 logger = logging.getLogger(__name__)
+
+TRAINING_STATE_NAME = "hf_align_state.json"  # in each checkpoint, beside Trainer's trainer_state.json
 
 
 def _zero_totals() -> torch.Tensor:
     return torch.zeros(2, dtype=torch.float64)  # (sum, count) of a `record_sum` metric
+
+
+def nonfinite_gradient(model: torch.nn.Module) -> str | None:
+    """None when the norm of `model`'s gradients is finite; else the norm and the first parameter whose gradient is
+    not finite (or that none is: finite gradients whose norm overflows)."""
+    named = [(name, p.grad) for name, p in models.unwrap_wrappers(model).named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    norms = [torch.linalg.vector_norm(grad.detach()) for _, grad in named]
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([norm.to(device, torch.float32) for norm in norms]))
+    if torch.isfinite(total):
+        return None
+    culprit = next((name for (name, _), norm in zip(named, norms) if not torch.isfinite(norm)), None)
+    where = f"first in parameter '{culprit}'" if culprit else "every gradient is finite but their norm overflows"
+    return f"the gradient norm is {total.item()} ({where})"
 
 
 class AlignTrainer(Trainer):
@@ -70,11 +91,15 @@ class AlignTrainer(Trainer):
         if args.disable_dropout:
             models.disable_dropout(model)
         self.dropped_rows: dict[str, int] = {}
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
+        train_dataset = self.prepare_nonempty_dataset(train_dataset, "train", args)
         if isinstance(eval_dataset, dict):
-            eval_dataset = {key: self.prepare_dataset(ds, f"eval_{key}", args) for key, ds in eval_dataset.items()}
+            eval_dataset = {key: self.prepare_nonempty_dataset(ds, f"eval_{key}", args)
+                            for key, ds in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = self.prepare_dataset(eval_dataset, "eval", args)
+            eval_dataset = self.prepare_nonempty_dataset(eval_dataset, "eval", args)
+        self.skipped_steps: list[int] = []  # global steps whose update `nonfinite_steps="skip"` dropped
+        self._nonfinite: str | None = None  # what was not finite in the optimizer step under way
+        self._micro_batch = 0  # micro-batches of the optimizer step under way so far
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._metric_totals = {"train": defaultdict(_zero_totals), "eval": defaultdict(_zero_totals)}
         super().__init__(
@@ -101,6 +126,16 @@ class AlignTrainer(Trainer):
 
     def default_collator(self, args):
         raise NotImplementedError
+
+    def prepare_nonempty_dataset(self, dataset, name: str, args):
+        """`prepare_dataset`, raising `DataError` when the dataset has no row, or none is left after it: a run with
+        nothing to train or evaluate on is a mistake, not zero steps. (A stream's rows are not counted.)"""
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise DataError(f"The {name} dataset has no rows.")
+        dataset = self.prepare_dataset(dataset, name, args)
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise DataError(f"No row of the {name} dataset is left after preparing it; nothing to train on.")
+        return dataset
 
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, Trainer keeps only these columns (not the model's forward arguments).
@@ -175,6 +210,8 @@ class AlignTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         for key, value in self.pending_metrics(mode).items():
             logs[f"{prefix}{key}"] = value
+        if mode == "train" and self.args.nonfinite_steps == "skip":
+            logs["skipped_steps"] = len(self.skipped_steps)
         self._metrics[mode].clear()
         self._metric_totals[mode].clear()
         super().log(logs, start_time)
@@ -187,12 +224,14 @@ class AlignTrainer(Trainer):
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def prepare_eval_dataset(self, dataset, name: str):
-        """A dataset given to `evaluate`: `prepare_dataset` unless it already holds the first of `dataset_columns`
-        (it was prepared before, e.g. `trainer.eval_dataset`)."""
+        """A dataset given to `evaluate`: `prepare_nonempty_dataset` unless it already holds the first of
+        `dataset_columns` (it was prepared before, e.g. `trainer.eval_dataset`)."""
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise DataError(f"The {name} dataset has no rows.")
         columns = dataset.column_names or list(next(iter(dataset)).keys())
         if self.dataset_columns and self.dataset_columns[0] in columns:
             return dataset
-        return self.prepare_dataset(dataset, name, self.args)
+        return self.prepare_nonempty_dataset(dataset, name, self.args)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation runs `compute_loss` (the batches carry no `labels` for `Trainer` to find)."""
@@ -201,25 +240,70 @@ class AlignTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # -- non-finite losses and gradients ---------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.check_finite_step(model, loss)
+        return loss
+
+    def check_finite_step(self, model, loss: torch.Tensor) -> None:
+        """Runs after each micro-batch's backward pass (an override of `training_step` that does not call this class's
+        must call it). A non-finite loss, or at the optimizer step's last micro-batch a non-finite gradient norm,
+        raises `FloatingPointError` naming the global step and the quantity; with `nonfinite_steps="skip"`, the
+        step's gradients are dropped instead, so that the optimizer leaves every parameter as it is."""
+        self._micro_batch += 1
+        if self._nonfinite is None and not torch.isfinite(loss).all():
+            self._nonfinite = (f"the loss is {loss.item()} (micro-batch {self._micro_batch} of "
+                               f"{self.current_gradient_accumulation_steps})")
+        last_micro_batch = self.accelerator.sync_gradients
+        # fp16's GradScaler skips the steps whose scaled gradients overflow: that is how it picks its scale.
+        if last_micro_batch and self._nonfinite is None and self.accelerator.scaler is None:
+            self._nonfinite = nonfinite_gradient(model)
+        step = self.state.global_step + 1
+        if self._nonfinite is not None and self.args.nonfinite_steps == "error":
+            raise FloatingPointError(
+                f"Non-finite value at global step {step}: {self._nonfinite}. Lower the learning rate, set "
+                "`max_grad_norm`, check this step's data and loss settings, or set `nonfinite_steps=\"skip\"` to skip "
+                "such optimizer steps."
+            )
+        if not last_micro_batch:
+            return
+        problem, self._nonfinite, self._micro_batch = self._nonfinite, None, 0
+        if self.args.nonfinite_steps != "skip":
+            return
+        # Every process skips the step when any process found a problem, so that their parameters stay equal.
+        flagged = torch.tensor(float(problem is not None), device=self.accelerator.device)
+        if self.accelerator.reduce(flagged, reduction="sum").item() == 0:
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # an optimizer leaves parameters without a gradient untouched
+        self.skipped_steps.append(step)
+        logger.warning("Skipped optimizer step %d: %s (%d step(s) skipped so far).", step,
+                       problem or "another process found a non-finite value", len(self.skipped_steps))
+
     # -- reference model -------------------------------------------------------------------------------------------
     # For trainers scored against a frozen reference, whose Config has `precompute_ref_log_probs` and
     # `precompute_ref_batch_size`; `compute(batch) -> {column: Tensor[rows]}` scores a collated batch with it.
     def build_reference(self, ref_model, copy_policy: bool = True):
-        """The reference model: `ref_model` (a model, or an id / path to load), frozen and prepared; else, with
-        `copy_policy` and a policy that is not a peft model (whose adapter is disabled instead), a frozen in-memory
-        copy of the policy; else None."""
+        """The reference model: `ref_model` (a model, or an id / path to load), frozen and placed for the run
+        (`distributed.prepare_frozen_model`); else, with `copy_policy` and a policy that is not a peft model (whose
+        adapter is disabled instead), a frozen in-memory copy of the policy (under ZeRO-3, the policy's weights loaded
+        again from its name or path, as TRL does); else None."""
         if ref_model is not None and any(ref_model is m for m in (self.model, models.unwrap_causal_lm(self.model))):
             raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
         if isinstance(ref_model, str):
             ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
         if ref_model is None and copy_policy and not models.is_peft_model(self.model):
-            ref_model = models.frozen_copy(self.model)
+            if distributed.zero_stage(self.accelerator) == 3:
+                # The policy's parameters may already be partitioned (zero.Init): a copy would hold empty tensors.
+                ref_model = models.load_model(models.unwrap_causal_lm(self.model).name_or_path, self.args,
+                                              self.auto_model_class)
+            else:
+                ref_model = models.frozen_copy(self.model)
         if ref_model is None:
             return None
-        models.freeze(ref_model)
         if self.args.disable_dropout:
             models.disable_dropout(ref_model)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return distributed.prepare_frozen_model(self.accelerator, ref_model)
 
     def setup_reference(self, ref_model, compute) -> None:
         """Sets `self.ref_model` (`build_reference`; no copy of the policy when reference log-probs are precomputed).
@@ -334,6 +418,33 @@ class AlignTrainer(Trainer):
         """Algorithm-specific settings shown in the model card."""
         return {}
 
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def save_training_state(self, checkpoint: str) -> None:
+        """Writes into the `checkpoint` folder, on every process, what a resumed run needs beyond what Trainer saved
+        there (weights, optimizer, scheduler, RNG, `TrainerState`) to go on exactly as if it had never stopped;
+        `load_training_state` reads it back. Here: the `num_tokens` count and the skipped steps."""
+        if self.args.should_save:
+            with open(os.path.join(checkpoint, TRAINING_STATE_NAME), "w") as file:
+                json.dump({"num_tokens": getattr(self, "_total_train_tokens", 0), "skipped_steps": self.skipped_steps},
+                          file)
+
+    def load_training_state(self, checkpoint: str) -> None:
+        """Restores what `save_training_state` wrote into `checkpoint`, before training resumes from it."""
+        with open(os.path.join(checkpoint, TRAINING_STATE_NAME)) as file:
+            state = json.load(file)
+        self._total_train_tokens, self.skipped_steps = state["num_tokens"], state["skipped_steps"]
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`; resuming from a checkpoint also restores what `save_training_state` wrote there."""
+        if resume_from_checkpoint is True:
+            # With no checkpoint found, `True` goes on to Trainer, which says so.
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if resume_from_checkpoint and resume_from_checkpoint is not True:
+            self.load_training_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _save_checkpoint(self, model, trial):
         self.create_model_card()
         super()._save_checkpoint(model, trial)
+        self.save_training_state(
+            os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))

@@ -3,6 +3,7 @@ accelerate config files in examples/accelerate_configs/."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ def test_every_algorithm_has_its_example():
 def test_help_lists_algorithms_and_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in [*cli.ALGORITHMS, "recommend", "env"]:
+    for name in [*cli.ALGORITHMS, "recommend", "env", "eval"]:
         assert f"\n  {name} " in out
     assert cli.main([]) == 0  # no arguments: the same help
 
@@ -86,6 +87,32 @@ def test_recommend_uses_the_advisor(capsys):
     out = capsys.readouterr().out
     assert out.startswith("Dataset: unpaired_preference")
     assert "1. KTOTrainer" in out
+
+
+def test_eval_prints_the_metrics_as_json(capsys, tiny_model_path, tiny_seqcls_path):
+    # No model and no dataset: the embedded tiny model on the embedded held-out pairs (their first 4 rows here).
+    assert cli.main(["eval", "--max_samples", "4", "--max_new_tokens", "4"]) == 0
+    embedded = json.loads(capsys.readouterr().out)
+    assert set(embedded) == {"preference_accuracy", "reward_margin", "perplexity", "completion_length"}
+    assert 0 <= embedded["preference_accuracy"] <= 1 and embedded["perplexity"] > 1
+    assert 1 <= embedded["completion_length"] <= 4
+    # The same model named by its path, against itself as the reference, with a reward model: zero margins, and
+    # the same greedy completions from both (every prompt a tie).
+    argv = ["eval", "--model_name_or_path", tiny_model_path, "--ref_model", tiny_model_path, "--reward_model",
+            tiny_seqcls_path, "--max_samples", "4", "--max_new_tokens", "4"]
+    assert cli.main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"preference_accuracy", "reward_margin", "perplexity", "completion_length", "reward_score",
+                            "win_rate"}
+    assert metrics["reward_margin"] == 0 and metrics["preference_accuracy"] == 0 and metrics["win_rate"] == 0.5
+    assert metrics["perplexity"] == pytest.approx(embedded["perplexity"])  # the embedded default is that model
+
+
+def test_eval_reports_bad_data_without_a_traceback(tmp_path, capsys):
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text(json.dumps({"prompt": "Hi", "chosen": " Hello."}) + "\n")
+    assert cli.main(["eval", "--dataset_name", str(dataset), "--dataset_test_split", "train"]) == 2
+    assert "no column ['rejected']" in capsys.readouterr().err
 
 
 def test_dpo_with_no_model_or_dataset_trains_on_the_embedded_default(tmp_path, monkeypatch, capsys):

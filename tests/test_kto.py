@@ -301,9 +301,10 @@ def test_z0_is_each_micro_batch_own_kl_under_gradient_accumulation(tiny_model_pa
     seen = []
     original = trainer.reference_point
 
-    def checked_reference_point(model, inputs, reference):
-        z0 = original(model, inputs, reference)
+    def checked_reference_point(kl_logps, reference):
+        z0 = original(kl_logps, reference)
         assert not z0.requires_grad
+        inputs = batches[-1]
         completions = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["completion_mask"])]
         mismatched = [ids[mask.bool()].tolist()
                       for ids, mask in zip(inputs["KL_input_ids"], inputs["KL_completion_mask"])]
@@ -312,7 +313,15 @@ def test_z0_is_each_micro_batch_own_kl_under_gradient_accumulation(tiny_model_pa
         seen.append((z0.item(), expected.item()))
         return z0
 
+    batches = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        batches.append(inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
+
     trainer.reference_point = checked_reference_point
+    trainer.compute_loss = recording_compute_loss
     trainer.train()
     assert len(seen) == 4  # 2 optimizer steps x 2 micro-batches, one z0 each
     for z0, expected in seen:
@@ -329,10 +338,11 @@ def test_z0_is_the_mean_over_processes_clamped_at_zero(tiny_model, tiny_tokenize
                          train_dataset=embedded_data("unpaired_preference", 8), processing_class=tiny_tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     own = torch.tensor(0.7)
-    reference = {"ref_KL_logps": trainer._sequence_logps(trainer.model, batch, prefix="KL_") - own}
+    _, kl_logps = trainer.sequence_logps(trainer.model, batch)
+    reference = {"ref_KL_logps": kl_logps - own}
     for other, expected in ((0.3, 0.5), (-2.0, 0.0), (-0.5, 0.1)):
         trainer.accelerator.gather = lambda t, other=other: torch.cat([t, t.new_tensor([other])])
-        z0 = trainer.reference_point(trainer.model, batch, reference)
+        z0 = trainer.reference_point(kl_logps, reference)
         assert z0.item() == pytest.approx(expected, abs=1e-5)
 
 

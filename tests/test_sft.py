@@ -135,6 +135,25 @@ def test_packing_gives_the_same_per_token_loss(tmp_path, tiny_model_path, embedd
     assert abs(loss_x - loss_u) > 1e-3
 
 
+def test_padding_free_batches_give_the_same_loss_and_gradients(tmp_path, tiny_model_path, embedded_data):
+    dataset = _sft_rows(embedded_data, "prompt_completion", 8)
+    trainers = [SFTTrainer(tiny_model_path, args=_config(tmp_path, max_length=128, padding_free=flat),
+                           train_dataset=dataset) for flat in (False, True)]
+    results = []
+    for trainer in trainers:
+        trainer.model.load_state_dict(trainers[0].model.state_dict())
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((batch, loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    (padded, loss, grads), (flat, flat_loss, flat_grads) = results
+    assert flat["input_ids"].shape[0] == 1 and flat["input_ids"].numel() == padded["attention_mask"].sum()
+    torch.testing.assert_close(flat_loss, loss, rtol=1e-5, atol=1e-6)
+    for grad, flat_grad in zip(grads, flat_grads):
+        assert (flat_grad - grad).norm() <= 1e-5 * grad.norm()
+
+
 # --------------------------------------------------------------------------------------------------- validation
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import losses, models, preference
-from ..config import AlignConfig
-from ..logprobs import PROMPT, CompletionLogProbs, completion_logprobs, shared_prefix_logprobs
+from ..config import AlignConfig, PackingArguments
+from ..packing import batch_logprobs, batch_token_count
 from ..preference import DataCollatorForPreference
 from ..trainer import AlignTrainer
 
@@ -23,7 +23,7 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 
 
 @dataclass
-class DPOConfig(AlignConfig):
+class DPOConfig(AlignConfig, PackingArguments):
     """Configuration of `DPOTrainer`; TRL's field names and defaults.
 
     `loss_type` is one of `losses.DPO_LOSS_TYPES` or a list of them, combined with `loss_weights`.
@@ -41,11 +41,6 @@ class DPOConfig(AlignConfig):
     )
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
-    prefix_sharing: bool = field(
-        default=False,
-        metadata={"help": "Pack each pair as one row `prompt, chosen, rejected` so the prompt runs once (same "
-                  "log-probs; needs eager or sdpa attention)."},
-    )
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -105,28 +100,18 @@ class DPOTrainer(AlignTrainer):
     def default_collator(self, args):
         return DataCollatorForPreference(
             self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
-            args.prefix_sharing,
-        )
-
-    @staticmethod
-    def pair_logprobs(model, batch, with_stats: bool = False) -> CompletionLogProbs:
-        """Completion log-probs `[2B, T]` of a collated batch, chosen rows first: from one packed row per pair when the
-        batch has `segment_ids` (`prefix_sharing`), else from the `[2B, T]` rows."""
-        if "segment_ids" in batch:
-            return shared_prefix_logprobs(model, batch["input_ids"], batch["segment_ids"], with_stats=with_stats)
-        return completion_logprobs(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=with_stats
+            args.prefix_sharing, args.padding_free,
         )
 
     def reference_logps(self, batch) -> dict[str, torch.Tensor]:
         """Summed completion log-probs of the batch under the reference, `{"ref_chosen_logps": [B], ...}`."""
         with models.reference_model(self.model, self.ref_model) as reference:
-            logps = self.pair_logprobs(reference, batch).sum
+            logps = batch_logprobs(reference, batch).sum
         chosen, rejected = logps.chunk(2)
         return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = self.pair_logprobs(model, inputs, with_stats=True)
+        policy = batch_logprobs(model, inputs, with_stats=True)
         chosen_logps, rejected_logps = policy.sum.chunk(2)
         reference = inputs if "ref_chosen_logps" in inputs else self.reference_logps(inputs)
         chosen_logratios = chosen_logps - reference["ref_chosen_logps"]
@@ -142,8 +127,7 @@ class DPOTrainer(AlignTrainer):
             for loss_type, weight in zip(self.args.loss_type, weights)
         )
         self._record_preference_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
-        # A packed row holds its prompt once; count it twice, as the `[2B, T]` rows do.
-        self.record_tokens(inputs["attention_mask"] + (inputs.get("segment_ids", 0) == PROMPT))
+        self.record_tokens(batch_token_count(inputs))
         return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
 
     def _record_preference_metrics(self, policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios):

@@ -111,11 +111,13 @@ def tokenize_belief_row(tokenizer, row: dict, where: str) -> dict:
     and `belief_prompt_ids` + `belief_ids` (one list per candidate, no eos) of the candidates given the prompt, with
     the group's `belief_distribution` (renormalised) and `belief_index`, the row's belief among the candidates."""
     pair = data.tokenize_prompt_completions(
-        tokenizer, {**row, "prompt": row["prompt"] + row["belief"]}, ("chosen", "rejected"), conversational=False
+        tokenizer, {**row, "prompt": row["prompt"] + row["belief"]}, ("chosen", "rejected"), where,
+        conversational=False,
     )
     candidates = {f"belief_{k}": belief for k, belief in enumerate(row["beliefs"])}
     tokens = data.tokenize_prompt_completions(
-        tokenizer, {"prompt": row["prompt"], **candidates}, tuple(candidates), conversational=False, append_eos=False
+        tokenizer, {"prompt": row["prompt"], **candidates}, tuple(candidates), where, conversational=False,
+        append_eos=False,
     )
     belief_ids = [tokens[f"{key}_ids"] for key in candidates]
     for k, ids in enumerate(belief_ids):
@@ -193,7 +195,7 @@ class DistributionalGDPOTrainer(DPOTrainer):
 
     def prepare_dataset(self, dataset, name, args):
         data.check_columns(dataset, name, BELIEF_COLUMNS)
-        first = next(iter(dataset))
+        first = data.first_row(dataset, name)
         if data.is_conversational_row(first, ("prompt", "chosen", "rejected")):
             raise DataError(
                 f"The {name} dataset is conversational; DistributionalGDPOTrainer takes text columns, since the belief "
@@ -231,7 +233,8 @@ class DistributionalGDPOTrainer(DPOTrainer):
 
     def default_collator(self, args):
         return DataCollatorForBeliefPreference(
-            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of
+            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
+            args.prefix_sharing, args.padding_free,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

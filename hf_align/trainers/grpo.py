@@ -19,7 +19,6 @@ import torch
 
 from .. import losses
 from ..online import OnlineConfig, OnlineTrainer
-from ..rollout import completion_token_logprobs
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
@@ -85,7 +84,7 @@ class GRPOTrainer(OnlineTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        policy = completion_token_logprobs(model, inputs, temperature=args.temperature, with_stats=True)
+        policy = self.rollout_logprobs(model, inputs, with_stats=True)
         logps, mask = policy.token_logps, inputs["completion_mask"].float()
         old_logps = inputs.get("old_logps", logps.detach())
         log_weights = losses.log_importance_weights(logps, old_logps, mask, level=args.importance_sampling_level)

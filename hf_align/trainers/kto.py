@@ -9,12 +9,13 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 from trl.data_utils import unpair_preference_dataset
 
 from .. import data, losses, models
-from ..config import AlignConfig
-from ..logprobs import completion_logprobs
+from .. import packing
+from ..config import AlignConfig, PackingArguments
+from ..logprobs import CompletionLogProbs, completion_logprobs
 from ..trainer import AlignTrainer
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ KTO_CITATION = """@article{ethayarajh2024kto,
 
 
 @dataclass
-class KTOConfig(AlignConfig):
+class KTOConfig(AlignConfig, PackingArguments):
     """Configuration of `KTOTrainer`; TRL's field names and defaults.
 
     `loss_type="kto"` estimates the reference point z0 from mismatched pairs built per batch by position, so it needs
@@ -65,26 +66,55 @@ class DataCollatorForUnpairedPreference:
     """Pads `prompt_ids + completion_ids` into `input_ids` / `attention_mask` / `completion_mask` `[B, T]` and, when
     the rows carry `KL_completion_ids`, the mismatched `prompt_ids + KL_completion_ids` into `KL_input_ids` /
     `KL_attention_mask` / `KL_completion_mask`. Each sequence is truncated to `max_length` before padding. `label` is
-    a `[B]` bool tensor; precomputed `ref_logps` / `ref_KL_logps` pass through as `[B]` tensors."""
+    a `[B]` bool tensor; precomputed `ref_logps` / `ref_KL_logps` pass through as `[B]` tensors.
+
+    With `prefix_sharing` or `padding_free` the batch is packed instead (`packing.pack_sequences`): completion `i` is
+    row `i`'s, completion `B + i` its mismatched KL completion; with `prefix_sharing` both follow row `i`'s prompt,
+    held once, and the policy scores them in one forward."""
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    prefix_sharing: bool = False
+    padding_free: bool = False
+
+    def __post_init__(self):
+        if self.prefix_sharing and self.max_length is not None and self.truncation_mode != "keep_start":
+            raise ValueError("prefix sharing needs truncation_mode='keep_start': 'keep_end' would cut the prompt "
+                             "differently for a row's completion and its KL completion.")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [example["prompt_ids"] for example in examples]
-        settings = (self.pad_token_id, self.max_length, self.truncation_mode, self.pad_to_multiple_of)
-        batch = data.collate_prompt_completions(prompts, [example["completion_ids"] for example in examples], *settings)
+        completions = [[example["completion_ids"]] for example in examples]
         if "KL_completion_ids" in examples[0]:
-            mismatched = [example["KL_completion_ids"] for example in examples]
-            kl_batch = data.collate_prompt_completions(prompts, mismatched, *settings)
-            batch.update({f"KL_{key}": value for key, value in kl_batch.items()})
+            for example, row in zip(examples, completions):
+                row.append(example["KL_completion_ids"])
+        if self.prefix_sharing or self.padding_free:
+            batch = self._pack(prompts, completions)
+        else:
+            settings = (self.pad_token_id, self.max_length, self.truncation_mode, self.pad_to_multiple_of)
+            batch = data.collate_prompt_completions(prompts, [row[0] for row in completions], *settings)
+            if len(completions[0]) == 2:
+                kl_batch = data.collate_prompt_completions(prompts, [row[1] for row in completions], *settings)
+                batch.update({f"KL_{key}": value for key, value in kl_batch.items()})
         batch["label"] = torch.tensor([bool(example["label"]) for example in examples])
         for key in ("ref_logps", "ref_KL_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([example[key] for example in examples])
         return batch
+
+    def _pack(self, prompts, completions) -> dict[str, torch.Tensor]:
+        rows, sequences = len(prompts), []
+        for i, (prompt, row) in enumerate(zip(prompts, completions)):
+            cut = [data.truncate_prompt_completion(prompt, c, self.max_length, self.truncation_mode) for c in row]
+            outputs = [i + k * rows for k in range(len(row))]
+            if self.prefix_sharing:
+                sequences.append((cut[0][0], [c for _, c in cut], outputs))
+            else:
+                sequences += [(p, [c], [output]) for (p, c), output in zip(cut, outputs)]
+        return packing.pack_sequences(sequences, self.pad_token_id, padding_free=self.padding_free,
+                                      pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 def add_kl_completions(dataset, batch_size: int):
@@ -113,7 +143,10 @@ def check_labels(dataset, name: str, num_proc: int | None = None):
             )
         return {"label": bool(label)}
 
-    return dataset.map(check, with_indices=True, **data.map_kwargs(dataset, f"Checking labels of {name}", num_proc))
+    kwargs = data.map_kwargs(dataset, f"Checking labels of {name}", num_proc)
+    if dataset.features is not None:  # `map` keeps a column's type: a float or JSON label column would stay so
+        kwargs["features"] = Features({**dataset.features, "label": Value("bool")})
+    return dataset.map(check, with_indices=True, **kwargs)
 
 
 class KTOTrainer(AlignTrainer):
@@ -168,7 +201,7 @@ class KTOTrainer(AlignTrainer):
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
         num_proc = args.dataset_num_proc
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         if "chosen" in columns and "rejected" in columns:
             dataset = self._unpair(dataset, name, num_proc)
         data.check_columns(dataset, name, ["prompt", "completion", "label"])
@@ -229,7 +262,8 @@ class KTOTrainer(AlignTrainer):
 
     def default_collator(self, args):
         return DataCollatorForUnpairedPreference(
-            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of
+            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
+            args.prefix_sharing, args.padding_free,
         )
 
     # -- loss ------------------------------------------------------------------------------------------------------
@@ -237,33 +271,44 @@ class KTOTrainer(AlignTrainer):
         """Summed completion log-probs under the reference: `ref_logps` `[B]`, and `ref_KL_logps` `[B]` of the
         mismatched pairs when the loss uses them."""
         with models.reference_model(self.model, self.ref_model) as reference:
-            out = {"ref_logps": self._sequence_logps(reference, batch)}
-            if self.uses_kl:
-                out["ref_KL_logps"] = self._sequence_logps(reference, batch, prefix="KL_")
+            completions, kl_logps = self.sequence_logps(reference, batch)
+        out = {"ref_logps": completions.sum}
+        if self.uses_kl:
+            out["ref_KL_logps"] = kl_logps
         return out
 
     @staticmethod
-    def _sequence_logps(model, batch, prefix: str = "") -> torch.Tensor:
-        return completion_logprobs(
-            model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]
-        ).sum
+    def sequence_logps(model, batch, with_stats: bool = False) -> tuple[CompletionLogProbs, torch.Tensor | None]:
+        """The log-probs of the batch's completions (`[B, ...]`) and the summed log-probs `[B]` of its mismatched KL
+        completions, without gradient (None when the batch has none). A packed batch scores both in one forward."""
+        if "completion_index" in batch:
+            scored = packing.batch_logprobs(model, batch, with_stats=with_stats)
+            rows = len(batch["label"])
+            completions = CompletionLogProbs(**{name: None if value is None else value[:rows]
+                                                for name, value in vars(scored).items()})
+            return completions, scored.sum[rows:].detach() if len(scored.sum) > rows else None
+        completions = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                          batch["completion_mask"], with_stats=with_stats)
+        if "KL_input_ids" not in batch:
+            return completions, None
+        with torch.no_grad():
+            kl = completion_logprobs(model, batch["KL_input_ids"], batch["KL_attention_mask"],
+                                     batch["KL_completion_mask"])
+        return completions, kl.sum
 
-    def reference_point(self, model, inputs, reference) -> torch.Tensor:
+    def reference_point(self, kl_logps, reference) -> torch.Tensor:
         """z0: the mean of `logp(y'|x) - ref(y'|x)` over this batch's mismatched pairs, averaged over every process
         (each computes it from its own micro-batch), clamped at 0; no gradient flows through it."""
-        with torch.no_grad():
-            kl = (self._sequence_logps(model, inputs, prefix="KL_") - reference["ref_KL_logps"]).mean()
+        kl = (kl_logps - reference["ref_KL_logps"]).mean()
         return self.accelerator.gather(kl.reshape(1)).mean().clamp(min=0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reference = inputs if "ref_logps" in inputs else self.reference_logps(inputs)
+        policy, kl_logps = self.sequence_logps(model, inputs, with_stats=True)
         if self.uses_kl:
-            z0 = self.reference_point(model, inputs, reference)
+            z0 = self.reference_point(kl_logps, reference)
         else:
             z0 = inputs["input_ids"].new_zeros((), dtype=torch.float32)
-        policy = completion_logprobs(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], with_stats=True
-        )
         logratios = policy.sum - reference["ref_logps"]
         desirable = inputs["label"].bool()
         loss = losses.kto_loss(
@@ -271,7 +316,7 @@ class KTOTrainer(AlignTrainer):
             undesirable_weight=self.args.undesirable_weight,
         ).mean()
         self._record_kto_metrics(policy, logratios, desirable, z0)
-        self.record_tokens(inputs["attention_mask"])
+        self.record_tokens(packing.batch_token_count(inputs, num_completions=len(desirable)))
         return (loss, {"logps": policy.sum}) if return_outputs else loss
 
     def _record_kto_metrics(self, policy, logratios, desirable, z0) -> None:

@@ -32,7 +32,6 @@ import torch
 from .. import losses
 from ..generation import stop_token_ids
 from ..online import OnlineConfig, OnlineTrainer
-from ..rollout import completion_token_logprobs
 
 ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -262,8 +261,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         # DPO compares the policy's own probabilities (TRL: untempered logits), not the tempered sampling distribution.
         args = self.args
         batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
-        return completion_token_logprobs(model, cut_prompts_to_fit(rollout, args.max_length),
-                                         batch_size=batch_size).token_logps
+        return self.rollout_logprobs(model, cut_prompts_to_fit(rollout, args.max_length), temperature=1.0,
+                                     batch_size=batch_size).token_logps
 
     def compute_advantages(self, rewards_per_func, rollout):
         """Each completion's score: the weighted reward sum, 0 where no function applied (TRL's `nansum`)."""
@@ -288,7 +287,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     # -- loss ------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         completions = unpaired(inputs)
-        policy = completion_token_logprobs(model, cut_prompts_to_fit(completions, self.args.max_length))
+        policy = self.rollout_logprobs(model, cut_prompts_to_fit(completions, self.args.max_length), temperature=1.0)
         ref_token_logps = inputs["ref_logps"].flatten(0, 1)
         logps, ref_logps = policy.sum.view(-1, 2), ref_token_logps.sum(-1).view(-1, 2)
         chosen_logratios, rejected_logratios = (logps - ref_logps).unbind(-1)

@@ -19,23 +19,27 @@ trained with it: one forward pass gives log-probs and values, and under peft the
 a one-label sequence classifier that uses the policy's tokenizer, trained in full (object or id; e.g. the reward
 model's path, as in InstructGPT: a copy is loaded, which trains while the reward model stays fixed). Either is
 attached to the policy as its `ppo_critic` submodule, so that the optimizer, DDP and gradient clipping see it; it is
-left out of saved models.
+left out of saved models. Checkpoints keep it apart, with β, so that a resumed run goes on exactly.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from .. import losses, models
 from ..online import OnlineConfig, OnlineTrainer
-from ..rollout import completion_token_logprobs
 from ..value import ValueHead, critic_token_values, policy_logprobs_and_values
 
 CRITIC_ATTRIBUTE = "ppo_critic"
+# In each checkpoint: the critic's weights (not in the model files), as safetensors, and the KL coefficient β.
+CRITIC_WEIGHTS_NAME, KL_STATE_NAME = "ppo_critic.safetensors", "ppo_kl.json"
 
 PPO_CITATION = """@article{schulman2017proximal,
     title   = {{Proximal Policy Optimization Algorithms}},
@@ -116,6 +120,9 @@ class PPOTrainer(OnlineTrainer):
         )
         # Attached after peft wrapped the policy (which freezes every parameter it does not own) and before `train()`
         # builds the optimizer and the DDP wrapper.
+        if value_model is None and (self.args.prefix_sharing or self.args.padding_free):
+            raise ValueError("prefix_sharing and padding_free need a separate value_model: the value head on the "
+                             "policy reads its hidden states row by row.")
         critic = ValueHead.for_model(self.model) if value_model is None else self.separate_critic_model(value_model)
         setattr(models.unwrap_causal_lm(self.model), CRITIC_ATTRIBUTE, critic.to(self.accelerator.device))
         controller = losses.AdaptiveKLController if self.args.adaptive_kl else None
@@ -160,8 +167,7 @@ class PPOTrainer(OnlineTrainer):
         if not self.separate_critic:
             return policy_logprobs_and_values(model, self.critic, rollout, temperature=temperature,
                                               with_stats=with_stats, batch_size=batch_size)
-        logps = completion_token_logprobs(model, rollout, temperature=temperature, with_stats=with_stats,
-                                          batch_size=batch_size)
+        logps = self.rollout_logprobs(model, rollout, with_stats=with_stats, batch_size=batch_size)
         return logps, critic_token_values(self.critic, rollout, batch_size=batch_size)
 
     # -- rollouts --------------------------------------------------------------------------------------------------
@@ -249,6 +255,28 @@ class PPOTrainer(OnlineTrainer):
             super()._save(output_dir, state_dict=state_dict)
         finally:
             setattr(unwrapped, CRITIC_ATTRIBUTE, critic)
+
+    def save_training_state(self, checkpoint: str) -> None:
+        super().save_training_state(checkpoint)
+        if self.args.should_save:
+            # `clone`: tied or shared tensors cannot be saved as safetensors views.
+            save_file({name: tensor.detach().clone().contiguous() for name, tensor in self.critic.state_dict().items()},
+                      os.path.join(checkpoint, CRITIC_WEIGHTS_NAME))
+            with open(os.path.join(checkpoint, KL_STATE_NAME), "w") as file:
+                json.dump({"kl_coef": self.kl_controller.value}, file)
+
+    def load_training_state(self, checkpoint: str) -> None:
+        super().load_training_state(checkpoint)
+        weights = load_file(os.path.join(checkpoint, CRITIC_WEIGHTS_NAME), device=str(self.accelerator.device))
+        self.critic.load_state_dict(weights)
+        with open(os.path.join(checkpoint, KL_STATE_NAME)) as file:
+            self.kl_controller.value = json.load(file)["kl_coef"]
+
+    def _issue_warnings_after_load(self, load_result):
+        # The model files of a checkpoint lack the critic by design: `load_training_state` restores it.
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys
+                                       if CRITIC_ATTRIBUTE not in key.split(".")]
+        super()._issue_warnings_after_load(load_result)
 
     def card_hyperparameters(self) -> dict:
         args = self.args

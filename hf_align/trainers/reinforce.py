@@ -41,7 +41,6 @@ import torch
 
 from .. import losses
 from ..online import OnlineConfig, OnlineTrainer
-from ..rollout import completion_token_logprobs
 
 ADVANTAGE_ESTIMATORS = ("reinforce++", "reinforce++_baseline")
 
@@ -121,7 +120,7 @@ class ReinforceTrainer(OnlineTrainer):
         return (returns - returns[:, :1] + losses.leave_one_out_advantages(totals, self.group_size)[:, None]) * mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = completion_token_logprobs(model, inputs, temperature=self.args.temperature, with_stats=True)
+        policy = self.rollout_logprobs(model, inputs, with_stats=True)
         mask = inputs["completion_mask"].float()
         loss = losses.reinforce_loss(policy.token_logps, inputs["advantages"], mask)
         self.record_token_mean("entropy", policy.entropy, mask)
@@ -187,7 +186,7 @@ class ReinforcePPTrainer(ReinforceTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        policy = completion_token_logprobs(model, inputs, temperature=args.temperature, with_stats=True)
+        policy = self.rollout_logprobs(model, inputs, with_stats=True)
         logps, mask = policy.token_logps, inputs["completion_mask"].float()
         log_ratio = logps - inputs.get("old_logps", logps.detach())
         advantages = inputs["advantages"]

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from accelerate.utils import gather
 
-from .. import generation, losses
+from .. import distributed, generation, losses
 from ..generation import SamplingConfig
 from ..online import OnlineConfig
 from .rloo import RLOOTrainer
@@ -87,10 +87,11 @@ class ReMaxTrainer(RLOOTrainer):
     def score_greedy(self, rows: list[dict]) -> torch.Tensor:
         """The combined reward `[len(rows)]` of the greedy completion of each row's prompt."""
         prompts = [row["prompt"] for row in rows]
-        greedy = generation.generate_completions(
-            self.model, self.tokenizer, prompts,
-            SamplingConfig(max_new_tokens=self.args.max_completion_length, temperature=0, batch_size=len(prompts)),
-        )
+        with distributed.gathered_for_generation(self.accelerator, self.model) as generator:
+            greedy = generation.generate_completions(
+                generator, self.tokenizer, prompts,
+                SamplingConfig(max_new_tokens=self.args.max_completion_length, temperature=0, batch_size=len(prompts)),
+            )
         rewards_per_func = self.score_completions(rows, greedy)
         self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
         return self.reward_scorer.combine(rewards_per_func)

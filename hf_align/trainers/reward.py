@@ -109,10 +109,10 @@ class RewardTrainer(AlignTrainer):
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
         data.check_columns(dataset, name, ["chosen", "rejected"])
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         has_prompt, has_margin = "prompt" in columns, "margin" in columns
         text_columns = ("prompt", "chosen", "rejected") if has_prompt else ("chosen", "rejected")
-        conversational = data.is_conversational_row(next(iter(dataset)), text_columns)
+        conversational = data.is_conversational_row(data.first_row(dataset, name), text_columns)
         tokenizer = self.tokenizer  # `process` must not capture `self`: `datasets` hashes and pickles it
 
         def process(row, index):
@@ -129,7 +129,8 @@ class RewardTrainer(AlignTrainer):
             for column in ("chosen", "rejected"):
                 sequence = row["prompt"] + row[column] if has_prompt else row[column]
                 out[f"{column}_ids"] = data.tokenize_sequence(
-                    tokenizer, row, sequence, conversational=conversational
+                    tokenizer, row, sequence, conversational=conversational,
+                    where=f"{name} dataset, row {index}, column '{column}'",
                 )["input_ids"]
             return out
 

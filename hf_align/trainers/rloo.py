@@ -16,7 +16,6 @@ from accelerate.utils import gather
 
 from .. import losses
 from ..online import OnlineConfig, OnlineTrainer
-from ..rollout import completion_token_logprobs
 
 RLOO_CITATION = """@inproceedings{ahmadian2024back,
     title     = {{Back to Basics: Revisiting REINFORCE-Style Optimization for Learning from Human Feedback in LLMs}},
@@ -68,7 +67,7 @@ class RLOOTrainer(OnlineTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        policy = completion_token_logprobs(model, inputs, temperature=args.temperature, with_stats=True)
+        policy = self.rollout_logprobs(model, inputs, with_stats=True)
         mask = inputs["completion_mask"].float()
         log_ratio = losses.log_importance_weights(policy.token_logps, inputs["old_logps"], mask, level="sequence_sum")
         advantages = inputs["advantages"]

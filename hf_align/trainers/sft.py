@@ -27,12 +27,17 @@ class SFTConfig(AlignConfig):
     to False); for conversational data with `assistant_only_loss`, only the assistant turns (the chat template must
     mark them with `{% generation %}`); otherwise every token. Sequences longer than `max_length` are truncated per
     `truncation_mode`. With `packing`, rows are packed best-fit-decreasing into `max_length`-token rows; attention and
-    the loss stay within each original sequence."""
+    the loss stay within each original sequence. `padding_free` (implied by `packing`, as in TRL) flattens each batch
+    into one row: nothing is computed on padding, and `max_length` still truncates each row."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (TRL's SFT default)."})
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of LM datasets."})
     packing: bool = field(
         default=False, metadata={"help": "Pack rows into max_length-token rows (best-fit decreasing)."}
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "Flatten each batch into one row with no padding, position ids restarting "
+                                 "at each sequence (always so with packing)."}
     )
     completion_only_loss: bool | None = field(
         default=None,
@@ -141,7 +146,8 @@ class SFTTrainer(AlignTrainer):
             kwargs = data.map_kwargs(dataset, f"Formatting {name}")
             dataset = dataset.map(lambda row: {text_field: formatting_func(row)}, **kwargs)
         kind, text_columns = self._dataset_format(dataset, name, args)
-        conversational = data.is_conversational_row(next(iter(dataset)), text_columns)
+        # A `messages` column is conversational whatever its first row holds (a bad first row must not make it text).
+        conversational = kind == "messages" or data.is_conversational_row(data.first_row(dataset, name), text_columns)
         completion_only = self._check_loss_options(kind, conversational, name, args)
 
         # `process` captures only picklable values (no `self`): `datasets` hashes it and sends it to worker processes.
@@ -149,15 +155,15 @@ class SFTTrainer(AlignTrainer):
         max_length, truncation_mode = args.max_length, args.truncation_mode
 
         def process(row, index):
+            where = f"{name} dataset, row {index}"
             for column in text_columns:
-                where = f"{name} dataset, row {index}, column '{column}'"
-                data.check_value(row[column], where, conversational=conversational)
+                data.check_value(row[column], f"{where}, column '{column}'", conversational=conversational)
             input_ids, trained = _tokenize_row(
-                tokenizer, row, kind, text_columns, conversational, completion_only, assistant_only
+                tokenizer, row, where, kind, text_columns, conversational, completion_only, assistant_only
             )
             if assistant_only and not any(trained):
                 raise data.DataError(
-                    f"{name} dataset, row {index}, column '{text_columns[-1]}': no assistant token to train on "
+                    f"{where}, column '{text_columns[-1]}': no assistant token to train on "
                     "(`assistant_only_loss=True`)."
                 )
             labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained)]
@@ -166,12 +172,13 @@ class SFTTrainer(AlignTrainer):
                 "labels": data.truncate(labels, max_length, truncation_mode),
             }
 
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         kwargs = data.map_kwargs(dataset, f"Tokenizing {name}", num_proc)
         dataset = dataset.map(process, with_indices=True, remove_columns=columns, **kwargs)
         dataset, self.dropped_rows[name] = data.drop_rows(
             dataset, name, lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]),
-            f"no trained token is left within max_length={args.max_length}", num_proc,
+            f"no trained token is left within max_length={args.max_length} (nothing predicts a row's first token, "
+            "so a one-token row has none)", num_proc,
         )
         if args.packing:
             kwargs = data.map_kwargs(dataset, f"Packing {name}", num_proc)
@@ -180,7 +187,7 @@ class SFTTrainer(AlignTrainer):
 
     def _dataset_format(self, dataset, name: str, args) -> tuple[str, tuple[str, ...]]:
         """`(kind, text columns)`: kind is "prompt-completion", "messages" or "text"."""
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         if self.formatting_func is not None:
             return "text", (args.dataset_text_field,)
         if "prompt" in columns or "completion" in columns:
@@ -216,7 +223,9 @@ class SFTTrainer(AlignTrainer):
         return completion_only
 
     def default_collator(self, args):
-        return DataCollatorForLanguageModeling(self.tokenizer.pad_token_id, args.packing, args.pad_to_multiple_of)
+        return DataCollatorForLanguageModeling(
+            self.tokenizer.pad_token_id, args.packing or args.padding_free, args.pad_to_multiple_of
+        )
 
     # -- loss ------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -240,20 +249,23 @@ class SFTTrainer(AlignTrainer):
         return {"max_length": self.args.max_length, "packing": self.args.packing}
 
 
-def _tokenize_row(tokenizer, row, kind, text_columns, conversational, completion_only, assistant_only):
-    """`(input_ids, trained)`: the row's token ids as TRL's `SFTTrainer` makes them, and whether each is trained."""
+def _tokenize_row(tokenizer, row, where, kind, text_columns, conversational, completion_only, assistant_only):
+    """`(input_ids, trained)`: the row's token ids as TRL's `SFTTrainer` makes them, and whether each is trained.
+    `where` names the row in errors."""
     if kind == "prompt-completion":
-        ids = data.tokenize_prompt_completions(tokenizer, row, ("completion",), conversational=conversational)
+        ids = data.tokenize_prompt_completions(tokenizer, row, ("completion",), where, conversational=conversational)
         input_ids = ids["prompt_ids"] + ids["completion_ids"]
         trained = [not completion_only] * len(ids["prompt_ids"]) + [True] * len(ids["completion_ids"])
         if assistant_only:
             assistant = data.tokenize_sequence(
-                tokenizer, row, row["prompt"] + row["completion"], conversational=True, assistant_masks=True
+                tokenizer, row, row["prompt"] + row["completion"], conversational=True, assistant_masks=True,
+                where=f"{where}, column 'completion'",
             )["assistant_masks"]
             trained = [keep and bool(mask) for keep, mask in zip(trained, assistant)]
         return input_ids, trained
     tokenized = data.tokenize_sequence(
-        tokenizer, row, row[text_columns[0]], conversational=conversational, assistant_masks=assistant_only
+        tokenizer, row, row[text_columns[0]], conversational=conversational, assistant_masks=assistant_only,
+        where=f"{where}, column '{text_columns[0]}'",
     )
     input_ids = tokenized["input_ids"]
     return input_ids, [bool(mask) for mask in tokenized.get("assistant_masks", [1] * len(input_ids))]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import losses
-from ..config import AlignConfig
-from ..logprobs import completion_logprobs
+from ..config import AlignConfig, PackingArguments
+from ..packing import batch_logprobs, batch_token_count
 from ..preference import ReferenceFreePreferenceTrainer
 
 SIMPO_CITATION = """@inproceedings{meng2024simpo,
@@ -22,7 +22,7 @@ SIMPO_CITATION = """@inproceedings{meng2024simpo,
 
 
 @dataclass
-class SimPOConfig(AlignConfig):
+class SimPOConfig(AlignConfig, PackingArguments):
     """Configuration of `SimPOTrainer`, with the field names of TRL's `CPOConfig` for SimPO (`beta`, `simpo_gamma`,
     `label_smoothing`). Defaults β = 2.0 and γ = 0.5, values on SimPO's scale (the paper tunes both per model):
     TRL's CPOConfig defaults to β = 0.1, CPO's value, far below what length-normalised rewards need; its γ default is
@@ -53,15 +53,13 @@ class SimPOTrainer(ReferenceFreePreferenceTrainer):
              "citation": SIMPO_CITATION}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = completion_logprobs(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], with_stats=True
-        )
+        policy = batch_logprobs(model, inputs, with_stats=True)
         chosen_logps, rejected_logps = policy.mean.chunk(2)
         loss = losses.simpo_loss(
             chosen_logps, rejected_logps, self.args.beta, self.args.simpo_gamma, self.args.label_smoothing
         ).mean()
         self.record_pair_metrics(chosen_logps, rejected_logps, policy.mean_logit, policy.mask)
-        self.record_tokens(inputs["attention_mask"])
+        self.record_tokens(batch_token_count(inputs))
         return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
 
     def card_hyperparameters(self) -> dict:

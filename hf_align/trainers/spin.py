@@ -15,6 +15,7 @@ pairs per round, cheaper than a frozen reference model (a copy in memory and a f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,14 +23,16 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from .. import data
+from .. import data, distributed
 from ..generation import SamplingConfig, generate_completions
-from ..logprobs import completion_logprobs
+from ..packing import batch_logprobs
 from .dpo import DPOConfig, DPOTrainer
 
 logger = logging.getLogger(__name__)
+
+ROUND_STATE_NAME = "spin_round"  # in each checkpoint: the round's pairs with θt's log-probs, and the rounds before
 
 SPIN_CITATION = """@inproceedings{chen2024self,
     title     = {{Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models}},
@@ -103,7 +106,9 @@ class SPINTrainer(DPOTrainer):
     and a `step` that keeps counting across rounds, and `round_history` holds one summary per round:
     `gap_start` / `eval_gap_start` (mean logp(ground truth) - logp(own sample), summed over tokens, under θt, on the
     round's train / eval pairs), `gap_end` (the train pairs under the policy after the round) and `train_loss`.
-    The raw pairs of the current round are in `round_pairs` ("train", and "eval" or "eval_<key>").
+    The raw pairs of the current round are in `round_pairs` ("train", and "eval" or "eval_<key>"). Checkpoints also
+    hold the round's pairs with θt's log-probs and the rounds before, so that `train(resume_from_checkpoint=...)`
+    goes on from any of them.
     """
 
     config_class = SPINConfig
@@ -137,23 +142,33 @@ class SPINTrainer(DPOTrainer):
         self.round: int | None = None
         self.round_pairs: dict[str, Dataset] = {}
         self.round_history: list[dict] = []
+        self.round_summary: dict = {}  # the current round's, until it ends
+        self.rounds_log_history: list[dict] = []  # the finished rounds' logs, numbered across rounds
+        self.rounds_steps = 0  # the finished rounds' steps
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
         """Checks the SFT rows and keeps them as `prompt` / `completion` (the ground truth)."""
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         kind = "messages" if "messages" in columns and "prompt" not in columns else "prompt-completion"
         data.check_columns(dataset, name, ["messages"] if kind == "messages" else ["prompt", "completion"])
-        conversational = kind == "messages" or data.is_conversational_row(next(iter(dataset)), ["prompt"])
+        conversational = kind == "messages" or data.is_conversational_row(data.first_row(dataset, name), ["prompt"])
+
+        tokenizer = self.tokenizer  # `process` captures no `self`: `datasets` hashes it and may send it to workers
 
         def process(row, index):
-            return split_sft_row(row, f"{name} dataset, row {index}", kind=kind, conversational=conversational)
+            where = f"{name} dataset, row {index}"
+            pair = split_sft_row(row, where, kind=kind, conversational=conversational)
+            # Each round renders the prompt to generate from and the ground truth after it: a row the chat template
+            # cannot render fails now, not after a round's generation.
+            data.tokenize_prompt_completions(tokenizer, pair, ("completion",), where, conversational=conversational)
+            return pair
 
         kwargs = data.map_kwargs(dataset, f"Checking {name}", args.dataset_num_proc)
         return dataset.map(process, with_indices=True, remove_columns=columns, **kwargs)
 
     def prepare_eval_dataset(self, dataset, name):
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         if "ref_chosen_logps" in columns:
             return dataset
         raise ValueError(
@@ -169,9 +184,7 @@ class SPINTrainer(DPOTrainer):
     def policy_logps(self, batch) -> dict[str, torch.Tensor]:
         """Summed log-probs of the batch's chosen and rejected completions under the current policy, no gradients."""
         with torch.no_grad():
-            logps = completion_logprobs(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-            ).sum
+            logps = batch_logprobs(self.model, batch).sum
         chosen, rejected = logps.chunk(2)
         return {"chosen_logps": chosen, "rejected_logps": rejected}
 
@@ -197,8 +210,9 @@ class SPINTrainer(DPOTrainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         sampling = self.args.sampling(seed=self.args.seed + self.round * world + rank,
                                       progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process)
-        with self.accelerator.split_between_processes(prompts) as shard:
-            texts = generate_completions(self.model, self.tokenizer, shard, sampling).texts if shard else []
+        with (self.accelerator.split_between_processes(prompts) as shard,
+              distributed.gathered_for_generation(self.accelerator, self.model) as generator):
+            texts = generate_completions(generator, self.tokenizer, shard, sampling).texts if shard else []
         texts = gather_object(texts)
         if data.is_conversational_row({"prompt": prompts[0]}, ["prompt"]):
             return [[{"role": "assistant", "content": text}] for text in texts]
@@ -234,28 +248,99 @@ class SPINTrainer(DPOTrainer):
         return summary
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        """Runs the SPIN rounds (see the class docstring). Resuming from a checkpoint is not supported: a checkpoint
-        holds one round's state, not the round's pairs and reference."""
+        """Runs the SPIN rounds (see the class docstring). `resume_from_checkpoint` (a checkpoint folder of any round,
+        or True: the last one saved) goes on from there: that round with the pairs and reference log-probs it had, then
+        the rounds after it, as the uninterrupted run would have. The returned `training_loss`, and the resumed
+        round's `train_loss`, average the steps trained in this call (`Trainer.train`'s convention)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.last_checkpoint()
+        first_round, resumed_step = 0, 0
         if resume_from_checkpoint:
-            raise ValueError("SPINTrainer cannot resume from a checkpoint; start a new run from the saved model.")
-        history, total_steps, total_loss, output = [], 0, 0.0, None
-        for round_index in range(self.args.num_rounds):
-            summary = self.start_round(round_index)
+            resumed_step = self.resume_round(resume_from_checkpoint)
+            first_round = self.round
+        else:
+            self.rounds_log_history, self.rounds_steps = [], 0
+        trained_steps, trained_loss, output = 0, 0.0, None
+        for round_index in range(first_round, self.args.num_rounds):
+            resume = resume_from_checkpoint if round_index == first_round else None
+            if not resume:
+                self.round_summary = self.start_round(round_index)
             self.optimizer = None  # a fresh optimizer; `Trainer.train()` builds a fresh schedule for it
-            output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+            output = super().train(resume_from_checkpoint=resume, trial=trial,
+                                   ignore_keys_for_eval=ignore_keys_for_eval)
+            summary = self.round_summary
             summary["gap_end"] = self._mean_gap(self._score(self.train_dataset, "gap", self.policy_logps))
             summary["train_loss"] = output.training_loss
             self.log(dict(summary))
             self.round_history.append(summary)
             logger.info("SPIN round %d: %s", round_index, summary)
-            history += [{**entry, "round": round_index, "step": total_steps + entry.get("step", 0)}
-                        for entry in self.state.log_history]
-            total_steps += self.state.global_step
-            total_loss += output.training_loss * self.state.global_step
-        self.state.log_history = history
-        self.state.global_step = total_steps
-        training_loss = total_loss / max(total_steps, 1)
-        return TrainOutput(total_steps, training_loss, {**output.metrics, "train_loss": training_loss})
+            self.rounds_log_history += [
+                {**entry, "round": round_index, "step": self.rounds_steps + entry.get("step", 0)}
+                for entry in self.state.log_history
+            ]
+            self.rounds_steps += self.state.global_step
+            steps = self.state.global_step - (resumed_step if resume else 0)
+            trained_steps += steps
+            trained_loss += output.training_loss * steps
+        self.state.log_history = self.rounds_log_history
+        self.state.global_step = self.rounds_steps
+        training_loss = trained_loss / max(trained_steps, 1)
+        return TrainOutput(self.rounds_steps, training_loss, {**output.metrics, "train_loss": training_loss})
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def round_datasets(self) -> dict[str, Dataset]:
+        """The round's tokenized pairs with their reference columns, named as in `round_pairs`."""
+        if isinstance(self.eval_dataset, dict):
+            return {"train": self.train_dataset, **{f"eval_{key}": ds for key, ds in self.eval_dataset.items()}}
+        return {"train": self.train_dataset, **({} if self.eval_dataset is None else {"eval": self.eval_dataset})}
+
+    def save_training_state(self, checkpoint: str) -> None:
+        # θt, which sampled the round's pairs and scored them as the reference, is gone by now: keep what it made.
+        super().save_training_state(checkpoint)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(checkpoint, ROUND_STATE_NAME)
+        for name, dataset in self.round_datasets().items():
+            dataset.save_to_disk(os.path.join(folder, "pairs", name))
+        for name, pairs in self.round_pairs.items():
+            pairs.save_to_disk(os.path.join(folder, "raw_pairs", name))
+        rounds = {"round": self.round, "step": self.state.global_step, "summary": self.round_summary,
+                  "round_history": self.round_history, "log_history": self.rounds_log_history,
+                  "steps": self.rounds_steps}
+        with open(os.path.join(folder, "rounds.json"), "w") as file:
+            json.dump(rounds, file)
+
+    def resume_round(self, checkpoint: str) -> int:
+        """Restores the round `checkpoint` was saved in (its pairs and reference log-probs) and the rounds before it;
+        returns the round's step the checkpoint was saved at."""
+        folder = os.path.join(checkpoint, ROUND_STATE_NAME)
+        with open(os.path.join(folder, "rounds.json")) as file:
+            rounds = json.load(file)
+        self.round, self.round_summary, self.round_history = rounds["round"], rounds["summary"], rounds["round_history"]
+        self.rounds_log_history, self.rounds_steps = rounds["log_history"], rounds["steps"]
+
+        def load(kind: str) -> dict[str, Dataset]:
+            names = sorted(os.listdir(os.path.join(folder, kind)))
+            return {name: Dataset.load_from_disk(os.path.join(folder, kind, name), keep_in_memory=True)
+                    for name in names}
+
+        self.round_pairs = load("raw_pairs")
+        datasets = load("pairs")
+        self.train_dataset = datasets.pop("train")
+        if isinstance(self.sft_datasets["eval"], dict):
+            self.eval_dataset = {name.removeprefix("eval_"): dataset for name, dataset in datasets.items()}
+        else:
+            self.eval_dataset = datasets.get("eval")
+        return rounds["step"]
+
+    def last_checkpoint(self) -> str:
+        """The last checkpoint of the last round that saved one."""
+        for round_index in reversed(range(self.args.num_rounds)):
+            folder = os.path.join(self.args.output_dir, f"round-{round_index}")
+            checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+            if checkpoint:
+                return checkpoint
+        raise ValueError(f"No checkpoint found in {self.args.output_dir}/round-*/ to resume from.")
 
     def _get_output_dir(self, trial) -> str:
         # Each round's steps count from 0: its checkpoints get their own folder, or a later round would overwrite them.

@@ -41,29 +41,30 @@ class StepDPOConfig(DPOConfig):
     warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1: a fraction of them)."})
 
 
-def _chat_ids(tokenizer, messages: list[dict], steps: str, template_kwargs: dict) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], steps: str, template_kwargs: dict, where: str) -> list[int]:
     """`messages` followed by an assistant reply that starts with `steps` and is left open."""
     reply = [{"role": "assistant", "content": steps}]
     return list(
-        tokenizer.apply_chat_template(
-            messages + reply, tokenize=True, return_dict=True, continue_final_message=True, **template_kwargs
+        data.apply_chat_template(
+            tokenizer, messages + reply, where, continue_final_message=True, **template_kwargs
         )["input_ids"]
     )
 
 
-def tokenize_step_row(tokenizer, row: dict, *, conversational: bool) -> dict[str, list[int]]:
+def tokenize_step_row(tokenizer, row: dict, where: str, *, conversational: bool) -> dict[str, list[int]]:
     """`prompt_ids` (the question and the verified steps), `chosen_ids` and `rejected_ids` (the next steps) of a
     Step-DPO row, with no eos appended. The prompt is the longest prefix shared by the tokenized context and both
-    tokenized continuations, as in `data.tokenize_prompt_completions`."""
+    tokenized continuations, as in `data.tokenize_prompt_completions`. `where` names the row in errors."""
     steps = row["initial_reason_steps"]
     if not conversational:
         dpo_row = {"prompt": row["prompt"] + steps, "chosen": row["chosen"], "rejected": row["rejected"]}
         return data.tokenize_prompt_completions(
-            tokenizer, dpo_row, ("chosen", "rejected"), conversational=False, append_eos=False
+            tokenizer, dpo_row, ("chosen", "rejected"), where, conversational=False, append_eos=False
         )
     template_kwargs = data.chat_template_kwargs(row)
-    prompt_ids = _chat_ids(tokenizer, row["prompt"], steps, template_kwargs)
-    full_ids = {column: _chat_ids(tokenizer, row["prompt"], steps + row[column], template_kwargs)
+    prompt_ids = _chat_ids(tokenizer, row["prompt"], steps, template_kwargs, f"{where}, column 'prompt'")
+    full_ids = {column: _chat_ids(tokenizer, row["prompt"], steps + row[column], template_kwargs,
+                                  f"{where}, column '{column}'")
                 for column in ("chosen", "rejected")}
     prompt_len = min(data.common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
     out = {"prompt_ids": prompt_ids[:prompt_len]}
@@ -100,14 +101,15 @@ class StepDPOTrainer(DPOTrainer):
     def prepare_dataset(self, dataset, name, args):
         keep = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in (dataset.column_names or [])]
         data.check_columns(dataset, name, STEP_COLUMNS)
-        conversational = data.is_conversational_row(next(iter(dataset)), ["prompt"])
+        conversational = data.is_conversational_row(data.first_row(dataset, name), ["prompt"])
         tokenizer = self.tokenizer  # `process` captures no `self`: `datasets` hashes it and may send it to workers
 
         def process(row, index):
-            check_step_row(row, f"{name} dataset, row {index}", conversational=conversational)
-            return tokenize_step_row(tokenizer, row, conversational=conversational)
+            where = f"{name} dataset, row {index}"
+            check_step_row(row, where, conversational=conversational)
+            return tokenize_step_row(tokenizer, row, where, conversational=conversational)
 
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        columns = data.dataset_columns(dataset, name)
         remove = [column for column in columns if column not in keep]
         kwargs = data.map_kwargs(dataset, f"Tokenizing {name}", args.dataset_num_proc)
         dataset = dataset.map(process, with_indices=True, remove_columns=remove, **kwargs)

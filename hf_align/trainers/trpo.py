@@ -31,7 +31,6 @@ from typing import ClassVar
 import torch
 
 from .. import losses, trust_region
-from ..rollout import completion_token_logprobs
 from ..online import OnlineTrainer
 from .ppo import PPOConfig, PPOTrainer
 
@@ -130,15 +129,18 @@ class TRPOTrainer(PPOTrainer):
             self.record_value(f"trpo/{key}", value)
         self.trpo_history.append(stats)
         if self.args.advantage_estimator != "gae":
-            return torch.tensor(-stats.surrogate_after, device=self.accelerator.device)
-        return self.critic_step(model, rollout)
+            loss = torch.tensor(-stats.surrogate_after, device=self.accelerator.device)
+        else:
+            loss = self.critic_step(model, rollout)
+        self.check_finite_step(model, loss)
+        return loss
 
     def trust_region_step(self, model, rollout: dict) -> trust_region.TRPOStats:
         mask = rollout["completion_mask"].float()
         old_logps, advantages = rollout["old_logps"], rollout["advantages"]
 
         def logps():
-            return completion_token_logprobs(model, rollout, temperature=self.args.temperature).token_logps
+            return self.rollout_logprobs(model, rollout).token_logps
 
         args = self.args
         return trust_region.trpo_update(

@@ -1,0 +1,76 @@
+"""KTO training throughput and peak memory, hf_align against TRL, side by side.
+
+    python benchmarks/kto_vs_trl.py                        # defaults below; prints a table and the ratios
+    python benchmarks/kto_vs_trl.py --rounds 3 --steps 30 --prompt_tokens 300
+
+Both trainers get the same model (a Llama with a 32k vocabulary built offline by `harness.build_benchmark_model`),
+the same unpaired rows (`prompt`/`completion`/`label`: each embedded pair, behind the shared context of about
+`--prompt_tokens` tokens, gives its chosen completion labelled desirable and then its rejected one labelled
+undesirable, so every batch holds both kinds), fp32, no gradient checkpointing, the same batch size, max_length and
+learning rate, loss_type "kto" with its KL batch (each row's prompt with the previous row's completion, within each
+batch; sequential sampling on both), and no `ref_model` (hf_align keeps an in-memory copy, TRL reloads one from
+disk). Each run is its own process (peak RSS is the process's); runs alternate and the median of each side is
+reported. Tokens/s counts the non-pad tokens of the rows of the timed steps (after `--warmup` steps), not those of
+the KL rows, which repeat the same tokens for forward passes only. The last row is the model FLOP/s reached as a
+fraction of the machine's fp32 matmul throughput (`harness.matmul_fraction`, counting the policy's forward and
+backward over the rows and three forward-only passes: the reference over the rows, policy and reference over the KL
+rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, comparison_rows,
+                     machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
+                     run_alternating, time_training)
+
+
+def unpaired_rows(prompt_tokens: int):
+    """Two rows per benchmark pair, its chosen completion (desirable) then its rejected one (undesirable)."""
+    from datasets import Dataset
+
+    pairs = benchmark_dataset(prompt_tokens, 400)
+    return Dataset.from_list([
+        {"prompt": pair["prompt"], "completion": pair[key], "label": key == "chosen"}
+        for pair in pairs for key in ("chosen", "rejected")
+    ])
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.impl == "hf_align":
+        from hf_align import KTOConfig, KTOTrainer
+    else:
+        from trl import KTOConfig, KTOTrainer
+
+    config = KTOConfig(**pairwise_settings(args), loss_type="kto", train_sampling_strategy="sequential")
+    trainer = KTOTrainer(model=args.model, args=config, train_dataset=unpaired_rows(args.prompt_tokens))
+    return {"impl": args.impl, **time_training(trainer, args.warmup, args.steps)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pairwise_arguments(parser, rounds=2, steps=20, warmup=3, hidden_size=384, layers=4)
+    parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.impl:  # a child run
+        report_child(run_one(args))
+        return
+
+    model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
+    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    machine_gflops = machine_matmul_gflops(args.threads)
+    args.model = model_path
+    median = run_alternating(__file__, "impl", ("hf_align", "trl"), pairwise_child_flags(args), args.rounds)
+    print_comparison(f"KTO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} rows",
+                     comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=3))
+
+
+if __name__ == "__main__":
+    main()

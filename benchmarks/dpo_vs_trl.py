@@ -15,10 +15,8 @@ forward and backward and the reference's forward).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, comparison_rows,
+from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, comparison_rows,
                      machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
                      run_alternating, time_training)
 
@@ -51,11 +49,8 @@ def main():
         report_child(run_one(args))
         return
 
-    workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
-    model_path = os.path.join(workdir, "model")
-    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_parent_model(args)
     machine_gflops = machine_matmul_gflops(args.threads)
-    args.model = model_path
     passthrough = pairwise_child_flags(args)
     passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), passthrough,

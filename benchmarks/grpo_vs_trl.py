@@ -21,7 +21,7 @@ import resource
 import tempfile
 import time
 
-from harness import (build_benchmark_model, comparison_rows, machine_matmul_gflops, print_comparison, report_child,
+from harness import (build_parent_model, comparison_rows, machine_matmul_gflops, print_comparison, report_child,
                      run_alternating)
 
 
@@ -49,6 +49,8 @@ def run_one(args) -> dict:
         beta=0.0, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
     )
+    if args.prefix_sharing and args.impl == "hf_align":
+        config.prefix_sharing = True
     trainer = GRPOTrainer(args.model, exact_answer, args=config, train_dataset=load_default_dataset("comparisons"))
 
     generation_seconds, token_counts, step_ends = [], [], []
@@ -106,6 +108,9 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prefix_sharing", action="store_true",
+                        help="hf_align runs each prompt once for its group's completions (tokens/s still counts it "
+                        "once per completion).")
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,19 +119,19 @@ def main():
         report_child(run_one(args))
         return
 
-    model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
-    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_parent_model(args)
     machine_gflops = machine_matmul_gflops(args.threads)
     passthrough = [f"--{k}={getattr(args, k)}" for k in
                    ("steps", "warmup", "batch_size", "generations", "max_completion_length", "threads")]
-    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={model_path}", *passthrough],
+    passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
+    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={args.model}", *passthrough],
                              args.rounds)
     ours, theirs = median["hf_align"], median["trl"]
     rows = comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=0)
     rows.insert(1, (f"generation seconds ({args.steps} steps, last round; lower is better)", ours["generation_s"],
                     theirs["generation_s"], ".1f"))
     print_comparison(f"GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new tokens "
-                     "(tokens/s, matmul: training phase)", rows)
+                     "(tokens/s, matmul: training phase)" + (", hf_align with prefix sharing" if args.prefix_sharing else ""), rows)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: 
     return sum(p.numel() for p in model.parameters()) - embedding_params - lm_head_params, lm_head_params
 
 
+def build_parent_model(args) -> tuple[int, int]:
+    """In the parent run: the benchmark model of `args`' shape (`build_benchmark_model`) in a new temporary folder,
+    whose path becomes `args.model` for the children. Returns its parameter counts."""
+    args.model = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
+    return build_benchmark_model(args.model, args.vocab_size, args.hidden_size, args.layers)
+
+
 def benchmark_dataset(prompt_tokens: int, rows: int, name: str = "preference"):
     """The embedded dataset `name` (by default the pairs), with each prompt lengthened to about `prompt_tokens`
     tokens by a shared context."""

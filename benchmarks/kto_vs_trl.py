@@ -20,10 +20,8 @@ rows).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, comparison_rows,
+from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, comparison_rows,
                      machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
                      run_alternating, time_training)
 
@@ -63,10 +61,8 @@ def main():
         report_child(run_one(args))
         return
 
-    model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
-    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_parent_model(args)
     machine_gflops = machine_matmul_gflops(args.threads)
-    args.model = model_path
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), pairwise_child_flags(args), args.rounds)
     print_comparison(f"KTO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} rows",
                      comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=3))

@@ -19,11 +19,9 @@ Exits with status 1 unless ORPO's and SimPO's peak RSS are below DPO's.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, pairwise_child_flags,
+from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, pairwise_child_flags,
                      pairwise_settings, report_child, run_alternating, time_training)
 
 ALGORITHMS = ("dpo", "orpo", "simpo")
@@ -52,10 +50,7 @@ def main():
         report_child(run_one(args))
         return
 
-    workdir = tempfile.mkdtemp(prefix="hf_align_bench_")
-    model_path = os.path.join(workdir, "model")
-    build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
-    args.model = model_path
+    build_parent_model(args)
     passthrough = pairwise_child_flags(args)
     median = run_alternating(__file__, "algo", ALGORITHMS, passthrough, args.rounds)
     print("reference model kept:", {algo: median[algo]["has_reference"] for algo in ALGORITHMS})

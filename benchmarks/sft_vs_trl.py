@@ -17,10 +17,8 @@ machine's fp32 matmul throughput (`harness.matmul_fraction`, counting the forwar
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_benchmark_model, comparison_rows,
+from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, comparison_rows,
                      machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
                      run_alternating, time_training)
 
@@ -50,10 +48,8 @@ def main():
         report_child(run_one(args))
         return
 
-    model_path = os.path.join(tempfile.mkdtemp(prefix="hf_align_bench_"), "model")
-    parameter_counts = build_benchmark_model(model_path, args.vocab_size, args.hidden_size, args.layers)
+    parameter_counts = build_parent_model(args)
     machine_gflops = machine_matmul_gflops(args.threads)
-    args.model = model_path
     passthrough = pairwise_child_flags(args) + (["--packing"] if args.packing else [])
     median = run_alternating(__file__, "impl", ("hf_align", "trl"), passthrough, args.rounds)
     print_comparison(f"SFT, prompt≈{args.prompt_tokens} tok, batch {args.batch_size}"

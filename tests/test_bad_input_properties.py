@@ -21,9 +21,10 @@ import math
 import re
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pytest
 from datasets import Dataset
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from hf_align import (
@@ -68,9 +69,8 @@ TEXT = st.one_of(
         lambda text: text.strip() and not is_json(text)
     ),
 )
-USER_MESSAGE = [{"role": "user", "content": "hi"}]
 BAD_TEXT = st.one_of(
-    st.sampled_from([None, "", " ", "\n\t ", 0, 7, 2.5, True, ["a", "list"], {"a": "dict"}, [], USER_MESSAGE]),
+    st.sampled_from([None, "", " ", "\n\t ", 0, 7, 2.5, True, ["a", "list"], {"a": "dict"}, []]),
     st.integers(-(2**31), 2**31), st.lists(TEXT, max_size=2),
 )
 
@@ -102,7 +102,7 @@ def bad_messages(draw, valid):
     if kind == "empty":
         return []
     if kind == "not a list":
-        return draw(st.sampled_from([None, "a string", 3, {"role": "user", "content": "hi"}]))
+        return draw(st.sampled_from([None, 3, {"role": "user", "content": "hi"}]))
     value = draw(valid)
     value.insert(draw(st.integers(0, len(value))), draw(BAD_MESSAGE))
     return value
@@ -110,9 +110,13 @@ def bad_messages(draw, valid):
 
 @st.composite
 def odd_messages(draw, valid, out_of_order):
-    """A questionable value: a valid list with an odd message in it, or roles out of the usual order."""
-    if draw(st.booleans()):
+    """A questionable value: roles out of the usual order, a valid list with an odd message in it, or text (which
+    makes a dataset of mixed formats, or of text if every row has it)."""
+    kind = draw(st.sampled_from(["out of order", "odd message", "text"]))
+    if kind == "out of order":
         return draw(out_of_order)
+    if kind == "text":
+        return draw(TEXT)
     value = draw(valid)
     value[draw(st.integers(0, len(value) - 1))] = draw(ODD_MESSAGE)
     return value
@@ -128,8 +132,10 @@ class Kind:
     long: st.SearchStrategy | None = None
 
 
-TEXT_KIND = Kind(TEXT, BAD_TEXT)
-TEXT_MAYBE_LONG = Kind(TEXT, BAD_TEXT, long=st.just(LONG_TEXT))
+# A message list in a text column makes a dataset of mixed formats, or a conversational one if every row has it.
+TEXT_AS_MESSAGES = st.just([message("user", "hi")])
+TEXT_KIND = Kind(TEXT, BAD_TEXT, odd=TEXT_AS_MESSAGES)
+TEXT_MAYBE_LONG = Kind(TEXT, BAD_TEXT, odd=TEXT_AS_MESSAGES, long=st.just(LONG_TEXT))
 _PROMPT = st.one_of(messages("user"), messages("system", "user"))
 PROMPT_MESSAGES = Kind(
     _PROMPT, bad_messages(_PROMPT),
@@ -349,7 +355,11 @@ def run_and_check(trainer_class, args, tokenizer, case: Case, name: str, check_r
     """Runs the pipeline on `case` and checks the property (module docstring); `check_row(row)` checks a kept row."""
     flags = case.flags * rows_per_input  # KTO unpairs n pairs into n chosen rows, then n rejected rows
     try:
-        prepared, dropped = prepare(trainer_class, args, tokenizer, case.dataset(), name)
+        dataset = case.dataset()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a mix of types no `datasets` column holds: no dataset to test
+        reject()
+    try:
+        prepared, dropped = prepare(trainer_class, args, tokenizer, dataset, name)
     except DataError as error:
         message = str(error)
         assert f"{name} dataset" in message, message
@@ -358,9 +368,9 @@ def run_and_check(trainer_class, args, tokenizer, case: Case, name: str, check_r
         if row is None:  # about the whole dataset: a missing column, no rows, every row dropped
             assert set(flags) != {CLEAN}, f"a valid dataset was refused: {message}"
         else:
-            # The format (text or messages) is the first row's, as in TRL: when that row is malformed with the other
-            # format, the first valid row is the one that does not match.
-            mismatch = flags[0] == BAD and re.search(r"expected a (string|non-empty list of messages)", message)
+            # The format (text or messages) is the first row's, as in TRL: when that row has the other format, the
+            # first valid row is the one that does not match.
+            mismatch = flags[0] in (BAD, ODD) and re.search(r"expected a (string|non-empty list of messages)", message)
             assert flags[int(row[1])] in (BAD, ODD) or mismatch, f"a valid row was blamed: {message}"
             assert re.search(r"\bcolumns? '\w+'", message), f"no column named: {message}"
         return

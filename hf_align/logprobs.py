@@ -1,8 +1,9 @@
 """Per-token log-probabilities of completion tokens, computed from the last hidden state in chunks.
 
 The `[B, T, V]` logits are never built: only the positions that predict a completion token are projected through
-the LM head, `chunk_size` tokens at a time, and each chunk is recomputed in the backward pass instead of being
-stored (activation checkpointing), so memory for the head is `O(chunk_size * V)` whatever the batch.
+the LM head, `chunk_size` tokens at a time, and when there are several chunks each is recomputed in the backward
+pass instead of being stored (activation checkpointing), so memory for the head is `O(chunk_size * V)` whatever the
+batch.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def token_logprobs(
     as a module (a peft adapter on it applies; parameter-gathering hooks of ZeRO-3 fire).
 
     Returns `(logps,)` or, with `with_stats`, `(logps, entropy, mean_logit, is_top1)`, each `[N]`."""
-    recompute = torch.is_grad_enabled() and (
+    # One chunk's logits are kept for the backward pass either way (recomputed there, or saved): only with several
+    # does recomputing bound the memory, so a single chunk is not computed twice.
+    recompute = hidden.size(0) > chunk_size and torch.is_grad_enabled() and (
         hidden.requires_grad or any(param.requires_grad for param in head.parameters())
     )
     pieces = []

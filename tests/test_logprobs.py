@@ -142,7 +142,8 @@ def test_parameter_gradients_match_naive(tiny_model_path, chunk_size):
     assert naive["lm_head.weight" if "lm_head.weight" in naive else "model.embed_tokens.weight"].abs().sum() > 0
 
 
-def test_gradient_wrt_hidden_states_and_weight_of_token_logprobs():
+@pytest.mark.parametrize("chunk_size", [4, 64], ids=["recomputed-chunks", "one-saved-chunk"])
+def test_gradient_wrt_hidden_states_and_weight_of_token_logprobs(chunk_size):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 8, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 30)
@@ -151,7 +152,7 @@ def test_gradient_wrt_hidden_states_and_weight_of_token_logprobs():
         head.bias.copy_(torch.randn(30, generator=generator))
     weight, bias = head.weight, head.bias
     targets = torch.randint(0, 30, (11,), generator=generator)
-    (ours,) = token_logprobs(hidden, head, targets, chunk_size=4)
+    (ours,) = token_logprobs(hidden, head, targets, chunk_size=chunk_size)
     naive = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(ours, naive, **TOL)
     g_ours = torch.autograd.grad(ours.sum(), (hidden, weight, bias))

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from jinja2 import TemplateError
 from trl.data_utils import extract_prompt
 

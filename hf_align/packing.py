@@ -59,6 +59,41 @@ def pack_sequences(
     }
 
 
+def check_prefix_truncation(prefix_sharing: bool, max_length: int | None, truncation_mode: str) -> None:
+    """Sharing a prompt among completions truncated to `max_length` needs the prompt kept whole (`keep_start`):
+    `keep_end` would cut it differently for each completion."""
+    if prefix_sharing and max_length is not None and truncation_mode != "keep_start":
+        raise ValueError("prefix sharing needs truncation_mode='keep_start': 'keep_end' would cut the shared prompt "
+                         "differently for each of its completions.")
+
+
+def pack_prompt_completions(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    max_length: int | None,
+    truncation_mode: str,
+    *,
+    prefix_sharing: bool,
+    padding_free: bool,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`pack_sequences` of `completions[i]` (the completions of `prompts[i]`), completion `k` of prompt `i` as output
+    row `i + k * len(prompts)` (DPO's chosen rows then rejected, KTO's rows then their KL completions). Each
+    completion is truncated with its prompt as in its own row; with `prefix_sharing` a prompt's completions follow it
+    in one sequence, else each forms its own."""
+    check_prefix_truncation(prefix_sharing, max_length, truncation_mode)
+    sequences = []
+    for i, (prompt, row) in enumerate(zip(prompts, completions)):
+        cut = [data.truncate_prompt_completion(prompt, c, max_length, truncation_mode) for c in row]
+        outputs = [i + k * len(prompts) for k in range(len(row))]
+        if prefix_sharing:
+            sequences.append((cut[0][0], [c for _, c in cut], outputs))
+        else:
+            sequences += [(p, [c], [output]) for (p, c), output in zip(cut, outputs)]
+    return pack_sequences(sequences, pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of)
+
+
 def _run_starts(labels: torch.Tensor) -> torch.Tensor:
     """For each position of `[R, T]`, the index where its run of equal consecutive `labels` starts."""
     positions = torch.arange(labels.size(1), device=labels.device).expand_as(labels)

@@ -73,16 +73,18 @@ class DataCollatorForPreference:
     padding_free: bool = False
 
     def __post_init__(self):
-        if self.prefix_sharing and self.max_length is not None and self.truncation_mode != "keep_start":
-            raise ValueError("prefix sharing needs truncation_mode='keep_start': 'keep_end' would cut the prompt "
-                             "differently for chosen and rejected.")
+        packing.check_prefix_truncation(self.prefix_sharing, self.max_length, self.truncation_mode)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [example["prompt_ids"] for example in examples]
         chosen = [example["chosen_ids"] for example in examples]
         rejected = [example["rejected_ids"] for example in examples]
         if self.prefix_sharing or self.padding_free:
-            batch = self._pack(prompts, chosen, rejected)
+            batch = packing.pack_prompt_completions(
+                prompts, list(zip(chosen, rejected)), self.pad_token_id, self.max_length, self.truncation_mode,
+                prefix_sharing=self.prefix_sharing, padding_free=self.padding_free,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
         else:
             batch = data.collate_prompt_completions(
                 prompts + prompts, chosen + rejected, self.pad_token_id, self.max_length, self.truncation_mode,
@@ -92,19 +94,6 @@ class DataCollatorForPreference:
             if key in examples[0]:
                 batch[key] = torch.tensor([example[key] for example in examples])
         return batch
-
-    def _pack(self, prompts, chosen, rejected) -> dict[str, torch.Tensor]:
-        pairs = len(prompts)
-        sequences = []
-        for b, (prompt, *completions) in enumerate(zip(prompts, chosen, rejected)):
-            cut = [data.truncate_prompt_completion(prompt, c, self.max_length, self.truncation_mode)
-                   for c in completions]
-            if self.prefix_sharing:
-                sequences.append((cut[0][0], [cut[0][1], cut[1][1]], [b, pairs + b]))
-            else:
-                sequences += [(cut[0][0], [cut[0][1]], [b]), (cut[1][0], [cut[1][1]], [pairs + b])]
-        return packing.pack_sequences(sequences, self.pad_token_id, padding_free=self.padding_free,
-                                      pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 class ReferenceFreePreferenceTrainer(AlignTrainer):

@@ -15,7 +15,7 @@ from trl.data_utils import unpair_preference_dataset
 from .. import data, losses, models
 from .. import packing
 from ..config import AlignConfig, PackingArguments
-from ..logprobs import CompletionLogProbs, completion_logprobs
+from ..logprobs import CompletionLogProbs
 from ..trainer import AlignTrainer
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,7 @@ class DataCollatorForUnpairedPreference:
     padding_free: bool = False
 
     def __post_init__(self):
-        if self.prefix_sharing and self.max_length is not None and self.truncation_mode != "keep_start":
-            raise ValueError("prefix sharing needs truncation_mode='keep_start': 'keep_end' would cut the prompt "
-                             "differently for a row's completion and its KL completion.")
+        packing.check_prefix_truncation(self.prefix_sharing, self.max_length, self.truncation_mode)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [example["prompt_ids"] for example in examples]
@@ -91,7 +89,11 @@ class DataCollatorForUnpairedPreference:
             for example, row in zip(examples, completions):
                 row.append(example["KL_completion_ids"])
         if self.prefix_sharing or self.padding_free:
-            batch = self._pack(prompts, completions)
+            batch = packing.pack_prompt_completions(
+                prompts, completions, self.pad_token_id, self.max_length, self.truncation_mode,
+                prefix_sharing=self.prefix_sharing, padding_free=self.padding_free,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
         else:
             settings = (self.pad_token_id, self.max_length, self.truncation_mode, self.pad_to_multiple_of)
             batch = data.collate_prompt_completions(prompts, [row[0] for row in completions], *settings)
@@ -103,18 +105,6 @@ class DataCollatorForUnpairedPreference:
             if key in examples[0]:
                 batch[key] = torch.tensor([example[key] for example in examples])
         return batch
-
-    def _pack(self, prompts, completions) -> dict[str, torch.Tensor]:
-        rows, sequences = len(prompts), []
-        for i, (prompt, row) in enumerate(zip(prompts, completions)):
-            cut = [data.truncate_prompt_completion(prompt, c, self.max_length, self.truncation_mode) for c in row]
-            outputs = [i + k * rows for k in range(len(row))]
-            if self.prefix_sharing:
-                sequences.append((cut[0][0], [c for _, c in cut], outputs))
-            else:
-                sequences += [(p, [c], [output]) for (p, c), output in zip(cut, outputs)]
-        return packing.pack_sequences(sequences, self.pad_token_id, padding_free=self.padding_free,
-                                      pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 def add_kl_completions(dataset, batch_size: int):
@@ -287,13 +277,11 @@ class KTOTrainer(AlignTrainer):
             completions = CompletionLogProbs(**{name: None if value is None else value[:rows]
                                                 for name, value in vars(scored).items()})
             return completions, scored.sum[rows:].detach() if len(scored.sum) > rows else None
-        completions = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                          batch["completion_mask"], with_stats=with_stats)
+        completions = packing.batch_logprobs(model, batch, with_stats=with_stats)
         if "KL_input_ids" not in batch:
             return completions, None
         with torch.no_grad():
-            kl = completion_logprobs(model, batch["KL_input_ids"], batch["KL_attention_mask"],
-                                     batch["KL_completion_mask"])
+            kl = packing.batch_logprobs(model, {key[3:]: value for key, value in batch.items() if key.startswith("KL_")})
         return completions, kl.sum
 
     def reference_point(self, kl_logps, reference) -> torch.Tensor:

@@ -21,8 +21,7 @@ import resource
 import tempfile
 import time
 
-from harness import (build_parent_model, comparison_rows, machine_matmul_gflops, print_comparison, report_child,
-                     run_alternating)
+from harness import compare_with_trl, contender, print_comparison
 
 
 def exact_answer(completions, answer, **kwargs):
@@ -30,18 +29,12 @@ def exact_answer(completions, answer, **kwargs):
 
 
 def run_one(args) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
     from transformers import TrainerCallback
 
+    import hf_align.rollout as sampling_module
     from hf_align.defaults import load_default_dataset
 
-    if args.impl == "hf_align":
-        import hf_align.rollout as sampling_module
-        from hf_align import GRPOConfig, GRPOTrainer
-    else:
-        from trl import GRPOConfig, GRPOTrainer
+    GRPOConfig, GRPOTrainer = contender(args, "GRPO")
 
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, num_generations=args.generations,
@@ -115,24 +108,19 @@ def main():
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.impl:  # a child run
-        report_child(run_one(args))
-        return
+    def child_flags(args):
+        flags = [f"--{key}={getattr(args, key)}" for key in
+                 ("model", "steps", "warmup", "batch_size", "generations", "max_completion_length", "threads")]
+        return flags + (["--prefix_sharing"] if args.prefix_sharing else [])
 
-    parameter_counts = build_parent_model(args)
-    machine_gflops = machine_matmul_gflops(args.threads)
-    passthrough = [f"--{k}={getattr(args, k)}" for k in
-                   ("steps", "warmup", "batch_size", "generations", "max_completion_length", "threads")]
-    passthrough += ["--prefix_sharing"] if args.prefix_sharing else []
-    median = run_alternating(__file__, "impl", ("hf_align", "trl"), [f"--model={args.model}", *passthrough],
-                             args.rounds)
-    ours, theirs = median["hf_align"], median["trl"]
-    rows = comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=0)
-    rows.insert(1, (f"generation seconds ({args.steps} steps, last round; lower is better)", ours["generation_s"],
-                    theirs["generation_s"], ".1f"))
-    print_comparison(f"GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new tokens "
-                     "(tokens/s, matmul: training phase)" + (", hf_align with prefix sharing" if args.prefix_sharing else ""), rows)
-
+    compared = compare_with_trl(__file__, args, run_one, child_flags, forward_only_passes=0)
+    if compared:
+        median, rows = compared
+        rows.insert(1, (f"generation seconds ({args.steps} steps, last round; lower is better)",
+                        median["hf_align"]["generation_s"], median["trl"]["generation_s"], ".1f"))
+        print_comparison(f"GRPO, G={args.generations}, batch {args.batch_size}, ≤{args.max_completion_length} new "
+                         "tokens (tokens/s, matmul: training phase)"
+                         + (", hf_align with prefix sharing" if args.prefix_sharing else ""), rows)
 
 if __name__ == "__main__":
     main()

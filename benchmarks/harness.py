@@ -220,6 +220,31 @@ def comparison_rows(median: dict[str, dict], parameter_counts: tuple[int, int], 
     ]
 
 
+def contender(args, name: str) -> tuple[type, type]:
+    """In a child run: torch on `args.threads` threads, and the `{name}Config` / `{name}Trainer` classes of the
+    contender `args.impl` ("hf_align" or "trl")."""
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    module = importlib.import_module("hf_align" if args.impl == "hf_align" else "trl")
+    return getattr(module, f"{name}Config"), getattr(module, f"{name}Trainer")
+
+
+def compare_with_trl(script: str, args, run_one, child_flags, forward_only_passes: int):
+    """A `*_vs_trl.py` run. In a child (`args.impl` set): `run_one(args)`, reported to the parent; returns None. In the
+    parent: builds the model, measures the machine, runs hf_align and TRL alternating, each with `child_flags(args)`,
+    and returns their medians and the rows of their table (`comparison_rows`)."""
+    if args.impl:
+        report_child(run_one(args))
+        return None
+    parameter_counts = build_parent_model(args)
+    machine_gflops = machine_matmul_gflops(args.threads)
+    median = run_alternating(script, "impl", ("hf_align", "trl"), child_flags(args), args.rounds)
+    return median, comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes)
+
+
 def print_comparison(title: str, rows: list[tuple[str, float, float, str]]) -> None:
     """A markdown table: per (label, hf_align's value, TRL's value, format) row, both values and hf_align / TRL."""
     print()

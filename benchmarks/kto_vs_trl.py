@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import argparse
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, comparison_rows,
-                     machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
-                     run_alternating, time_training)
+from harness import (add_pairwise_arguments, benchmark_dataset, compare_with_trl, contender, pairwise_child_flags,
+                     pairwise_settings, print_comparison, time_training)
 
 
 def unpaired_rows(prompt_tokens: int):
@@ -38,14 +37,7 @@ def unpaired_rows(prompt_tokens: int):
 
 
 def run_one(args) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    if args.impl == "hf_align":
-        from hf_align import KTOConfig, KTOTrainer
-    else:
-        from trl import KTOConfig, KTOTrainer
-
+    KTOConfig, KTOTrainer = contender(args, "KTO")
     config = KTOConfig(**pairwise_settings(args), loss_type="kto", train_sampling_strategy="sequential")
     trainer = KTOTrainer(model=args.model, args=config, train_dataset=unpaired_rows(args.prompt_tokens))
     return {"impl": args.impl, **time_training(trainer, args.warmup, args.steps)}
@@ -57,16 +49,9 @@ def main():
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.impl:  # a child run
-        report_child(run_one(args))
-        return
-
-    parameter_counts = build_parent_model(args)
-    machine_gflops = machine_matmul_gflops(args.threads)
-    median = run_alternating(__file__, "impl", ("hf_align", "trl"), pairwise_child_flags(args), args.rounds)
-    print_comparison(f"KTO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} rows",
-                     comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=3))
-
+    compared = compare_with_trl(__file__, args, run_one, pairwise_child_flags, forward_only_passes=3)
+    if compared:
+        print_comparison(f"KTO, prompt≈{args.prompt_tokens} tok, batch {args.batch_size} rows", compared[1])
 
 if __name__ == "__main__":
     main()

@@ -18,20 +18,12 @@ from __future__ import annotations
 
 import argparse
 
-from harness import (add_pairwise_arguments, benchmark_dataset, build_parent_model, comparison_rows,
-                     machine_matmul_gflops, pairwise_child_flags, pairwise_settings, print_comparison, report_child,
-                     run_alternating, time_training)
+from harness import (add_pairwise_arguments, benchmark_dataset, compare_with_trl, contender, pairwise_child_flags,
+                     pairwise_settings, print_comparison, time_training)
 
 
 def run_one(args) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    if args.impl == "hf_align":
-        from hf_align import SFTConfig, SFTTrainer
-    else:
-        from trl import SFTConfig, SFTTrainer
-
+    SFTConfig, SFTTrainer = contender(args, "SFT")
     config = SFTConfig(**pairwise_settings(args), packing=args.packing)
     trainer = SFTTrainer(model=args.model, args=config, train_dataset=benchmark_dataset(args.prompt_tokens, 400, "sft"))
     return {"impl": args.impl, **time_training(trainer, args.warmup, args.steps)}
@@ -44,18 +36,13 @@ def main():
     parser.add_argument("--impl", choices=["hf_align", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.impl:  # a child run
-        report_child(run_one(args))
-        return
+    def child_flags(args):
+        return pairwise_child_flags(args) + (["--packing"] if args.packing else [])
 
-    parameter_counts = build_parent_model(args)
-    machine_gflops = machine_matmul_gflops(args.threads)
-    passthrough = pairwise_child_flags(args) + (["--packing"] if args.packing else [])
-    median = run_alternating(__file__, "impl", ("hf_align", "trl"), passthrough, args.rounds)
-    print_comparison(f"SFT, prompt≈{args.prompt_tokens} tok, batch {args.batch_size}"
-                     + (f", packed into {args.max_length}-token rows" if args.packing else ""),
-                     comparison_rows(median, parameter_counts, machine_gflops, forward_only_passes=0))
-
+    compared = compare_with_trl(__file__, args, run_one, child_flags, forward_only_passes=0)
+    if compared:
+        print_comparison(f"SFT, prompt≈{args.prompt_tokens} tok, batch {args.batch_size}"
+                         + (f", packed into {args.max_length}-token rows" if args.packing else ""), compared[1])
 
 if __name__ == "__main__":
     main()

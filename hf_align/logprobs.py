@@ -97,13 +97,18 @@ def token_logprobs(
     return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
+def _decoder_hidden(output) -> torch.Tensor:
+    """The last hidden state in what the model's decoder returns (a tuple or a model output)."""
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
 @contextmanager
 def _capture_last_hidden_state(causal_lm):
     """Records the output of the model's decoder (its last hidden state, after the final norm)."""
     captured = {}
 
     def hook(_module, _args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        captured["hidden"] = _decoder_hidden(output)
 
     handle = causal_lm.get_decoder().register_forward_hook(hook)
     try:
@@ -148,7 +153,7 @@ def scored_forward(
     results = {}
 
     def score(_module, _args, output):
-        scored_hidden, targets = select(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+        scored_hidden, targets = select(_decoder_hidden(output))
         results["logps"] = token_logprobs(scored_hidden, head, targets, temperature=temperature, softcap=softcap,
                                           chunk_size=chunk_size, with_stats=with_stats)
 

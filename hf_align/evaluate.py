@@ -268,9 +268,9 @@ def evaluate(
     `tokenizer`, without gradients:
 
     - `reference`: the model compared against (an object, or an id / path loaded onto the model's device), sharing
-      the model's tokenizer. None: a peft model is compared against its base model (adapter disabled), as the
-      trainers do; any other model against nothing (`win_rate` is left out, and the implicit rewards are summed
-      log-probs).
+      the model's tokenizer. None: a peft model is compared against its reference adapter (the starting one a
+      trainer kept) or else its base (adapter disabled), as the trainers do; any other model against nothing
+      (`win_rate` is left out, and the implicit rewards are summed log-probs).
     - `pairs`: preference pairs in any of DPO's formats (or already prepared by `prepare_pairs`): gives
       `preference_accuracy` and `reward_margin`, with implicit rewards β · (log π − log π_ref).
     - `prompts`: a list of prompts (strings or message lists) or a dataset with a `prompt` column (its other columns
@@ -309,7 +309,7 @@ class EvaluationCallback(TrainerCallback):
 
     `evaluate_kwargs` are `evaluate`'s (`pairs`, `prompts`, `texts`, `reward_model`, `judge`, `beta`, ...); pass
     `beta=args.beta` to match a DPO-style trainer's `rewards/*`. Unless `reference` is given, the reference is the
-    trainer's: its `ref_model`; with none, a peft model's base (adapter disabled); otherwise none (a reference-free
+    trainer's: its `ref_model`; with none, a peft model's reference adapter or base; otherwise none (a reference-free
     trainer, or `precompute_ref_log_probs` without `ref_model`). Pairs are prepared and reward models loaded once,
     here. Add it with `trainer.add_callback(EvaluationCallback(trainer, ...))`. Under
     several processes, each evaluates the whole data."""

@@ -6,7 +6,7 @@ import copy
 from contextlib import contextmanager, nullcontext
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, PeftType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import defaults
@@ -109,15 +109,67 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of the starting adapter
+
+
+def adapter_is_identity(peft_model) -> bool:
+    """Whether the active adapter of `peft_model` leaves the base model's outputs unchanged: a plain LoRA adapter
+    (no DoRA) whose B matrices are all zero, as `get_peft_model` makes one by default. Anything else may not be."""
+    config = peft_model.peft_config[peft_model.active_adapter]
+    if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
+        return False
+    marker = f".{peft_model.active_adapter}."
+    return all(not parameter.any() for name, parameter in peft_model.named_parameters()
+               if marker in name and ("lora_B" in name or "lora_embedding_B" in name))
+
+
+def add_reference_adapter(policy) -> None:
+    """Makes the peft `policy`'s reference (`reference_model`) its starting state: unless its active adapter is the
+    identity (`adapter_is_identity`; disabling it then gives the same model), adds a frozen copy of that adapter named
+    `REFERENCE_ADAPTER`, as TRL does for an adapter trained in an earlier run. Costs one more adapter's weights."""
+    peft_model = unwrap_wrappers(policy)
+    if REFERENCE_ADAPTER in peft_model.peft_config or adapter_is_identity(peft_model):
+        return
+    active = peft_model.active_adapter
+    peft_model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(peft_model.peft_config[active]))
+    parameters = dict(peft_model.named_parameters())
+    marker = f".{active}."
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if marker in name:
+                reference = parameters[name.replace(marker, f".{REFERENCE_ADAPTER}.")]
+                reference.copy_(parameter)
+                reference.requires_grad_(False)
+
+
+@contextmanager
+def _reference_adapter_active(peft_model):
+    """`peft_model` runs with its reference adapter for the duration; the active adapter and every parameter's
+    `requires_grad` are restored afterwards (peft's `set_adapter` marks the adapter it activates trainable)."""
+    previous = peft_model.active_adapter
+    trainable = [(parameter, parameter.requires_grad) for parameter in peft_model.parameters()]
+    peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
+
+
 @contextmanager
 def reference_model(policy, ref_model):
     """Yields the module that computes reference log-probs, without gradients: `ref_model` when there is one, else
-    the policy with its peft adapter disabled (no copy of the weights), else the policy itself (valid only before the
-    first update: precomputing the reference)."""
+    the peft policy running its reference adapter (`add_reference_adapter`; with none, its adapter disabled), else
+    the policy itself (valid only before the first update: precomputing the reference)."""
     if ref_model is not None:
         context = nullcontext(ref_model)
     elif is_peft_model(policy):
-        context = unwrap_wrappers(policy).disable_adapter()
+        peft_model = unwrap_wrappers(policy)
+        if REFERENCE_ADAPTER in peft_model.peft_config:
+            context = _reference_adapter_active(peft_model)
+        else:
+            context = peft_model.disable_adapter()
     else:
         context = nullcontext()
     with torch.no_grad(), context:

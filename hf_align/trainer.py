@@ -285,13 +285,15 @@ class AlignTrainer(Trainer):
     # `precompute_ref_batch_size`; `compute(batch) -> {column: Tensor[rows]}` scores a collated batch with it.
     def build_reference(self, ref_model, copy_policy: bool = True):
         """The reference model: `ref_model` (a model, or an id / path to load), frozen and placed for the run
-        (`distributed.prepare_frozen_model`); else, with `copy_policy` and a policy that is not a peft model (whose
-        adapter is disabled instead), a frozen in-memory copy of the policy (under ZeRO-3, the policy's weights loaded
-        again from its name or path, as TRL does); else None."""
+        (`distributed.prepare_frozen_model`); else, with a peft policy, None (its starting adapter is the reference:
+        `models.add_reference_adapter`); else, with `copy_policy`, a frozen in-memory copy of the policy (under
+        ZeRO-3, the policy's weights loaded again from its name or path, as TRL does); else None."""
         if ref_model is not None and any(ref_model is m for m in (self.model, models.unwrap_causal_lm(self.model))):
             raise ValueError("`model` and `ref_model` must be different objects; omit `ref_model` to get a frozen copy.")
         if isinstance(ref_model, str):
             ref_model = models.load_model(ref_model, self.args, self.auto_model_class)
+        if ref_model is None and models.is_peft_model(self.model):
+            models.add_reference_adapter(self.model)
         if ref_model is None and copy_policy and not models.is_peft_model(self.model):
             if distributed.zero_stage(self.accelerator) == 3:
                 # The policy's parameters may already be partitioned (zero.Init): a copy would hold empty tensors.

@@ -56,9 +56,9 @@ class DPOConfig(AlignConfig, PackingArguments):
 
 
 class DPOTrainer(AlignTrainer):
-    """Trains `model` on preference pairs against a reference: `ref_model` if given; with peft, the model with its
-    adapter disabled; otherwise a frozen in-memory copy of `model` (none at all with `precompute_ref_log_probs`).
-    A `PeftModel` passed in without `peft_config` is compared against its base model (adapter disabled)."""
+    """Trains `model` on preference pairs against a reference: `ref_model` if given; with peft, the starting policy
+    (its adapter disabled while that is the identity, else a frozen copy of the starting adapter); otherwise a frozen
+    in-memory copy of `model` (none at all with `precompute_ref_log_probs`)."""
 
     config_class = DPOConfig
     algorithm = "DPO"

@@ -141,8 +141,8 @@ def check_labels(dataset, name: str, num_proc: int | None = None):
 
 class KTOTrainer(AlignTrainer):
     """Trains `model` on examples labelled desirable or undesirable against a reference: `ref_model` if given; with
-    peft, the model with its adapter disabled; otherwise a frozen in-memory copy of `model` (none at all with
-    `precompute_ref_log_probs`). A `PeftModel` passed in without `peft_config` is compared against its base model."""
+    peft, the starting policy (its adapter disabled while that is the identity, else a frozen copy of the starting
+    adapter); otherwise a frozen in-memory copy of `model` (none at all with `precompute_ref_log_probs`)."""
 
     config_class = KTOConfig
     algorithm = "KTO"

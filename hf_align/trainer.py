@@ -15,15 +15,15 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import defaults, distributed, models
+from . import checkpoints, defaults, distributed, models
+from .checkpoints import TRAINING_STATE_NAME
 from .config import AlignConfig
 from .data import DataError
 
 logger = logging.getLogger(__name__)
-
-TRAINING_STATE_NAME = "hf_align_state.json"  # in each checkpoint, beside Trainer's trainer_state.json
 
 
 def _zero_totals() -> torch.Tensor:
@@ -421,6 +421,8 @@ class AlignTrainer(Trainer):
         return {}
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
+    staging_folder: str | None = None  # while `_save_checkpoint` runs: the folder Trainer writes the checkpoint under
+
     def save_training_state(self, checkpoint: str) -> None:
         """Writes into the `checkpoint` folder, on every process, what a resumed run needs beyond what Trainer saved
         there (weights, optimizer, scheduler, RNG, `TrainerState`) to go on exactly as if it had never stopped;
@@ -437,16 +439,51 @@ class AlignTrainer(Trainer):
         self._total_train_tokens, self.skipped_steps = state["num_tokens"], state["skipped_steps"]
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        """`Trainer.train`; resuming from a checkpoint also restores what `save_training_state` wrote there."""
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the last complete checkpoint in `output_dir`
+        (`checkpoints.last_complete_checkpoint`), and resuming also restores what `save_training_state` wrote there."""
         if resume_from_checkpoint is True:
-            # With no checkpoint found, `True` goes on to Trainer, which says so.
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-        if resume_from_checkpoint and resume_from_checkpoint is not True:
+            resume_from_checkpoint = checkpoints.last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
             self.load_training_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint and `save_training_state`'s files, written under `checkpoints.STAGING_FOLDER` and
+        renamed to `checkpoint-N` once every process has written its part: a folder with a checkpoint's name is
+        complete."""
         self.create_model_card()
-        super()._save_checkpoint(model, trial)
-        self.save_training_state(
-            os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint = os.path.join(self._get_output_dir(trial), name)
+        staging_folder = os.path.join(super()._get_output_dir(trial), checkpoints.STAGING_FOLDER)
+        if self.args.should_save:
+            checkpoints.clear_for_save(staging_folder, checkpoint)
+        self.accelerator.wait_for_everyone()  # nothing is written into a folder being cleared
+        self.staging_folder = staging_folder
+        try:
+            staged = os.path.join(self._get_output_dir(trial), name)
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.staging_folder = None
+        self.save_training_state(staged)
+        if self.state.best_model_checkpoint == staged:  # Trainer names the best checkpoint where it wrote it
+            self.state.best_model_checkpoint = checkpoint
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            checkpoints.publish(staging_folder, staged, checkpoint)
+            checkpoints.rotate(os.path.dirname(checkpoint), self.args.save_total_limit,
+                               keep=(checkpoint, self.state.best_model_checkpoint))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        """Trainer's run folder; the staging folder while `_save_checkpoint` runs (Trainer writes there)."""
+        return self.staging_folder or super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes from inside `_save_checkpoint`, before the checkpoint is complete: it is pushed once published.
+        if self.staging_folder is None:
+            super()._push_from_checkpoint(checkpoint_folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,7 @@ class AlignConfig(TrainingArguments):
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         self._resolve_precision()
+        self._resolve_cpu_deepspeed_backend()
         super().__post_init__()
 
     def _resolve_precision(self) -> None:
@@ -100,6 +102,16 @@ class AlignConfig(TrainingArguments):
             )
             self.bf16 = self.fp16 = False
         self.precision = "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    def _resolve_cpu_deepspeed_backend(self) -> None:
+        """Under `accelerate launch` with DeepSpeed over several processes on a machine with no CUDA device, names the
+        gloo backend. Without one, accelerate lets DeepSpeed start its process group but counts a single process
+        itself, so the `train_batch_size` transformers gives DeepSpeed misses the factor of the process count and
+        DeepSpeed refuses it (TRL fails there)."""
+        launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if (self.ddp_backend is None and launched and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                and not torch.cuda.is_available()):
+            self.ddp_backend = "gloo"
 
     # `Trainer` pickles its args into `training_args.bin` next to every saved model and checkpoint, and
     # `push_to_hub` uploads that file: a pickle never holds `hub_token` (in-memory copies keep it).

@@ -59,7 +59,8 @@ def prepare_frozen_model(accelerator, model: torch.nn.Module) -> torch.nn.Module
 
         config = inference_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, model)
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # returns None, unlike `nn.Module.eval`
+        return engine
     if accelerator.distributed_type == DistributedType.FSDP:
         if accelerator.is_fsdp2:
             from accelerate.utils import fsdp2_prepare_model

@@ -1,9 +1,8 @@
 """`hf_align.distributed`: frozen models and generation under each accelerate backend, and GRPO under real 2-process
 DDP.
 
-deepspeed is not installed here and there is no GPU, so the DeepSpeed paths run against a stand-in `deepspeed` module
-(injected into `sys.modules`) and a stand-in accelerator: they check what is asked of DeepSpeed (the inference config,
-the parameters gathered around `generate`), not DeepSpeed itself. FSDP cannot be selected through accelerate on a CPU
+DeepSpeed itself runs in `test_deepspeed.py` (real ZeRO-2 / ZeRO-3 launches); here only the inference config it is
+given is checked, from a stand-in accelerator. FSDP cannot be selected through accelerate on a CPU
 (with ACCELERATE_USE_CPU=1 the FSDP config runs as plain DDP), so FSDP v1 generation runs on torch's own
 FullyShardedDataParallel over gloo. The plain path and DDP run for real.
 """
@@ -11,20 +10,18 @@ FullyShardedDataParallel over gloo. The plain path and DDP run for real.
 from __future__ import annotations
 
 import json
-import sys
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from test_reinforce import launch_two_processes
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from hf_align import distributed, generation
 from hf_align.logprobs import completion_logprobs
 from hf_align.rewards import RewardScorer
-from hf_align.trainer import AlignTrainer
 
 TRAINING_CONFIG = {
     "train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
@@ -42,41 +39,6 @@ def deepspeed_accelerator(stage: int) -> SimpleNamespace:
     config["zero_optimization"]["stage"] = stage
     plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
     return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
-
-
-@pytest.fixture
-def fake_deepspeed(monkeypatch):
-    """A `deepspeed` module recording `initialize` calls (returning an engine around the model) and the parameters
-    `zero.GatheredParameters` holds gathered (`gathered` is set while inside)."""
-    calls = SimpleNamespace(initialized=[], gathered=None, entered=0)
-
-    class Engine(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args, **kwargs):
-            return self.module(*args, **kwargs)
-
-    def initialize(model, config):
-        calls.initialized.append((model, config))
-        return Engine(model), None, None, None
-
-    class GatheredParameters:
-        def __init__(self, params):
-            self.params = params
-
-        def __enter__(self):
-            calls.gathered, calls.entered = self.params, calls.entered + 1
-
-        def __exit__(self, *exc):
-            calls.gathered = None
-
-    module = ModuleType("deepspeed")
-    module.initialize = initialize
-    module.zero = SimpleNamespace(GatheredParameters=GatheredParameters)
-    monkeypatch.setitem(sys.modules, "deepspeed", module)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed configs
@@ -108,18 +70,6 @@ def test_zero_below_3_inference_config_is_stage_0(stage):
 
 # ----------------------------------------------------------------------------------------------- frozen models
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_frozen_model_is_a_frozen_inference_engine(stage, fake_deepspeed, tiny_model):
-    tiny_model.train()
-    engine = distributed.prepare_frozen_model(deepspeed_accelerator(stage), tiny_model)
-    [(model, config)] = fake_deepspeed.initialized
-    assert model is tiny_model and engine.module is tiny_model and not engine.training and not tiny_model.training
-    assert not any(p.requires_grad for p in tiny_model.parameters())
-    assert config["zero_optimization"]["stage"] == (3 if stage == 3 else 0) and "optimizer" not in config
-    if stage == 3:
-        assert config["zero_optimization"]["reduce_bucket_size"] == tiny_model.config.hidden_size ** 2
-
-
 def test_plain_frozen_model_is_frozen_on_the_device(tiny_model):
     accelerator = Accelerator(cpu=True)
     prepared = distributed.prepare_frozen_model(accelerator, tiny_model)
@@ -148,49 +98,14 @@ def test_reward_models_are_scored_through_the_prepared_module(tiny_seqcls_path):
     assert len(calls) == 1 and scorer.reward_funcs == [reward_model] and scorer.names == expected.names
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_reference_of_the_policy(stage, fake_deepspeed, tiny_model_path):
-    """Under ZeRO-3 the policy's parameters may be partitioned, so the reference is loaded from its path, not copied
-    from memory; under ZeRO-2 it is a copy of the policy in memory."""
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    with torch.no_grad():
-        policy.lm_head.weight.add_(1.0)  # changed in memory only
-    args = SimpleNamespace(model_init_kwargs=None, trust_remote_code=False, disable_dropout=True)
-    trainer = SimpleNamespace(model=policy, accelerator=deepspeed_accelerator(stage), args=args,
-                              auto_model_class=AutoModelForCausalLM)
-    engine = AlignTrainer.build_reference(trainer, None)
-    reference = engine.module
-    assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
-    on_disk = AutoModelForCausalLM.from_pretrained(tiny_model_path).lm_head.weight
-    torch.testing.assert_close(reference.lm_head.weight, on_disk if stage == 3 else policy.lm_head.weight)
-
-
 # --------------------------------------------------------------------------------------------------- generation
 
-def test_zero3_generation_runs_inside_gathered_parameters(fake_deepspeed, tiny_model, tiny_tokenizer, monkeypatch):
-    inside = []
-    original = type(tiny_model).generate
-
-    def generate(self, *args, **kwargs):
-        inside.append(fake_deepspeed.gathered is not None)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny_model), "generate", generate)
-    with distributed.gathered_for_generation(deepspeed_accelerator(3), tiny_model) as generator:
-        assert generator is tiny_model
-        assert {id(p) for p in fake_deepspeed.gathered} == {id(p) for p in tiny_model.parameters()}
-        generation.generate_completions(generator, tiny_tokenizer, ["Hello", "Hi"],
-                                        generation.SamplingConfig(max_new_tokens=3, batch_size=1))
-    assert inside == [True, True] and fake_deepspeed.gathered is None and fake_deepspeed.entered == 1
-
-
-def test_zero2_and_plain_generation_gather_nothing(fake_deepspeed, tiny_model):
+def test_plain_generation_unwraps_the_policy(tiny_model):
     wrapped = torch.nn.Module()
     wrapped.module = tiny_model  # a DDP-like wrapper
-    for accelerator in (deepspeed_accelerator(2), Accelerator(cpu=True)):
-        with distributed.gathered_for_generation(accelerator, wrapped) as generator:
-            assert generator is tiny_model
-    assert fake_deepspeed.entered == 0
+    with distributed.gathered_for_generation(Accelerator(cpu=True), wrapped) as generator:
+        assert generator is tiny_model
+
 
 
 FSDP_SCRIPT = """

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
-from .. import data, distributed
+from .. import checkpoints, data, distributed
 from ..generation import SamplingConfig, generate_completions
 from ..packing import batch_logprobs
 from .dpo import DPOConfig, DPOTrainer
@@ -334,10 +334,10 @@ class SPINTrainer(DPOTrainer):
         return rounds["step"]
 
     def last_checkpoint(self) -> str:
-        """The last checkpoint of the last round that saved one."""
+        """The last complete checkpoint of the last round that saved one (an interrupted save is skipped)."""
         for round_index in reversed(range(self.args.num_rounds)):
             folder = os.path.join(self.args.output_dir, f"round-{round_index}")
-            checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+            checkpoint = checkpoints.last_complete_checkpoint(folder) if os.path.isdir(folder) else None
             if checkpoint:
                 return checkpoint
         raise ValueError(f"No checkpoint found in {self.args.output_dir}/round-*/ to resume from.")

@@ -79,8 +79,16 @@ class AlignConfig(TrainingArguments):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        pad_multiple = getattr(self, "pad_to_multiple_of", None)
+        if pad_multiple == "auto":  # TRL's default: a multiple of 128 on AWS Neuron only, no padding elsewhere
+            self.pad_to_multiple_of = None
+        elif isinstance(pad_multiple, str):  # from a command line or YAML
+            self.pad_to_multiple_of = int(pad_multiple)
         self._resolve_precision()
         self._resolve_cpu_deepspeed_backend()
+        if getattr(self, "activation_offloading", False) and (self.use_cpu or not torch.cuda.is_available()):
+            raise ValueError("`activation_offloading=True` moves the activations saved for the backward pass from a "
+                             "CUDA device to CPU memory: it needs a CUDA device, and this run trains on the CPU.")
         super().__post_init__()
 
     def _resolve_precision(self) -> None:
@@ -144,4 +152,34 @@ class PackingArguments:
     padding_free: bool = field(
         default=False, metadata={"help": "Pack a batch's sequences into one row with no padding (attention then "
                                  "costs the square of the packed row's length)."}
+    )
+
+
+@dataclass
+class TokenizerArguments:
+    """TRL's fields that change the tokenizer (and the model's special tokens) before the data is tokenized
+    (`models.apply_chat_template_and_eos`, `models.prepare_tokenizer`)."""
+
+    chat_template_path: str | None = field(
+        default=None, metadata={"help": "A Jinja chat template file (.jinja / .j2), or a tokenizer (folder or Hub id) "
+                                "whose chat template, special tokens and eos are cloned (the embeddings resized)."}
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "The token that ends a sequence or a turn instead of the tokenizer's eos (it "
+                                "must be in the vocabulary); it becomes the model's eos too."}
+    )
+    pad_token: str | None = field(
+        default=None, metadata={"help": "The padding token instead of the tokenizer's (or its eos when it has none); "
+                                "it must be in the vocabulary. TRL deprecates it: setting `tokenizer.pad_token` "
+                                "does the same."}
+    )
+
+
+@dataclass
+class ActivationOffloadingArguments:
+    """TRL's activation offloading (`trl.models.activation_offloading`), for the trainers whose TRL Config has it."""
+
+    activation_offloading: bool = field(
+        default=False, metadata={"help": "Move the activations saved for the backward pass to CPU memory during the "
+                                 "forward pass and back for the backward (needs a CUDA device)."}
     )

@@ -108,6 +108,15 @@ def masked_nll(
     return -(token_logps * mask).sum() / count.clamp(min=1)
 
 
+def dft_loss(
+    token_logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Dynamic Fine-Tuning (Wu et al., arXiv 2508.05629): each token's NLL weighted by its probability under the
+    model, the weight held constant (no gradient through it): `-Σ mask · sg(p) · logp / N`, `p = exp(logp)`, `N` as in
+    `masked_nll`. Inputs `[B, T]`; returns a scalar."""
+    return masked_nll(token_logps * token_logps.detach().exp(), mask, num_tokens)
+
+
 def belief_log_distribution(belief_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The model's belief distribution in distributional GDPO (arXiv 2412.20299): over each row's candidate beliefs
     `b_1..b_K`, `log q(b_k|x) = log π(b_k|x) - log Σ_j π(b_j|x)`, where `log π(b_k|x)` is the summed log-prob of the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -56,8 +57,48 @@ def load_tokenizer(model: PreTrainedModel, args):
     return tokenizer
 
 
-def prepare_tokenizer(tokenizer, model: PreTrainedModel):
-    """Gives the tokenizer a pad token (eos when it has none) and tells the model which id pads."""
+def _require_in_vocabulary(tokenizer, token: str, field: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ValueError(f"`{field}={token!r}` is not in the vocabulary of the tokenizer ({type(tokenizer).__name__}): "
+                         "add it to the tokenizer (and resize the model's embeddings) first.")
+
+
+def apply_chat_template_and_eos(model: PreTrainedModel, tokenizer, chat_template_path: str | None,
+                                eos_token: str | None) -> tuple[PreTrainedModel, list]:
+    """TRL's `chat_template_path` and `eos_token`, applied to `tokenizer` (in place) and `model`, in TRL's order.
+
+    `chat_template_path`: a Jinja file (`.jinja` / `.j2`) becomes the chat template as it is; anything else is a
+    tokenizer (folder or Hub id) whose template, special tokens and eos are cloned (`trl.clone_chat_template`, which
+    resizes the embeddings). `eos_token` (in the vocabulary) becomes the tokenizer's and the model's eos, and the
+    first of the generation config's. Returns `(model, tokens the template added)`: with peft those must train."""
+    added_tokens = []
+    if chat_template_path is not None:
+        if os.path.isfile(chat_template_path) and chat_template_path.endswith((".jinja", ".j2")):
+            with open(chat_template_path, encoding="utf-8") as file:
+                tokenizer.chat_template = file.read()
+        else:
+            from trl.chat_template_utils import clone_chat_template
+
+            model, _, added_tokens = clone_chat_template(model, tokenizer, chat_template_path)
+    if eos_token is not None:
+        _require_in_vocabulary(tokenizer, eos_token, "eos_token")
+        tokenizer.eos_token = eos_token
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            ids = generation_config.eos_token_id
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+            if tokenizer.eos_token_id not in ids:
+                generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
+    return model, added_tokens
+
+
+def prepare_tokenizer(tokenizer, model: PreTrainedModel, pad_token: str | None = None):
+    """Gives the tokenizer a pad token (`pad_token` if given, else its own, else its eos) and tells the model which id
+    pads."""
+    if pad_token is not None:
+        _require_in_vocabulary(tokenizer, pad_token, "pad_token")
+        tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError("The tokenizer has neither a pad token nor an eos token; set `tokenizer.pad_token`.")
@@ -68,10 +109,18 @@ def prepare_tokenizer(tokenizer, model: PreTrainedModel):
     return tokenizer
 
 
-def apply_peft(model: PreTrainedModel, peft_config, args):
-    """Wraps `model` with a new adapter; quantized bases get their norms upcast and input grads enabled."""
+def apply_peft(model: PreTrainedModel, peft_config, args, trainable_tokens=()):
+    """Wraps `model` with a new adapter; quantized bases get their norms upcast and input grads enabled.
+    `trainable_tokens`: ids whose embeddings train too (tokens a cloned chat template added), as TRL does."""
     if peft_config is None:
         return model
+    if trainable_tokens:
+        peft_config = copy.copy(peft_config)
+        indices = peft_config.trainable_token_indices or {}
+        # A list names tokens of the input embeddings, like the "embed_tokens" entry of a dict.
+        indices = dict(indices) if isinstance(indices, dict) else {"embed_tokens": list(indices)}
+        indices["embed_tokens"] = [*indices.get("embed_tokens", []), *trainable_tokens]
+        peft_config.trainable_token_indices = indices
     if isinstance(model, PeftModel):
         raise ValueError(
             "`model` is already a PeftModel and a `peft_config` was given too: merge the existing adapter first, or "

@@ -3,6 +3,8 @@ reference log-probs precomputed once."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -86,8 +88,11 @@ class AlignTrainer(Trainer):
         model = self._load_model(model, args, quantization_config)
         if processing_class is None:
             processing_class = models.load_tokenizer(model, args)
-        self.tokenizer = models.prepare_tokenizer(getattr(processing_class, "tokenizer", processing_class), model)
-        model = models.apply_peft(model, peft_config, args)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        model, added_tokens = models.apply_chat_template_and_eos(
+            model, tokenizer, getattr(args, "chat_template_path", None), getattr(args, "eos_token", None))
+        self.tokenizer = models.prepare_tokenizer(tokenizer, model, getattr(args, "pad_token", None))
+        model = models.apply_peft(model, peft_config, args, trainable_tokens=added_tokens)
         if args.disable_dropout:
             models.disable_dropout(model)
         self.dropped_rows: dict[str, int] = {}
@@ -115,6 +120,11 @@ class AlignTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self.activation_offloading = contextlib.nullcontext()
+        if getattr(args, "activation_offloading", False):  # the Config checked there is a CUDA device
+            from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+            self.activation_offloading = get_act_offloading_ctx_manager(model=self.model)
         unwrapped = models.unwrap_wrappers(self.model)
         if hasattr(unwrapped, "add_model_tags"):
             unwrapped.add_model_tags(self.tags)
@@ -242,7 +252,8 @@ class AlignTrainer(Trainer):
 
     # -- non-finite losses and gradients ---------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self.activation_offloading:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.check_finite_step(model, loss)
         return loss
 

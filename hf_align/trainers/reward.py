@@ -16,7 +16,7 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 
 from .. import data, losses, models
-from ..config import AlignConfig
+from ..config import ActivationOffloadingArguments, AlignConfig, TokenizerArguments
 from ..trainer import AlignTrainer
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ INSTRUCTGPT_CITATION = """@inproceedings{ouyang2022training,
 
 
 @dataclass
-class RewardConfig(AlignConfig):
+class RewardConfig(AlignConfig, TokenizerArguments, ActivationOffloadingArguments):
     """Configuration of `RewardTrainer`; TRL's field names and defaults.
 
     Pairs whose chosen or rejected sequence is longer than `max_length` are dropped (counted in
@@ -42,7 +42,10 @@ class RewardConfig(AlignConfig):
         default=None,
         metadata={"help": "c in c·mean((r_chosen + r_rejected)²), pulling rewards to zero mean (0.01 suggested)."},
     )
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this ('auto': none; TRL pads to 128 "
+                                  "on AWS Neuron only)."}
+    )
 
 
 @dataclass

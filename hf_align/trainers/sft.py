@@ -5,6 +5,7 @@ conversational), token ids, loss normalisation and logged metric names (`entropy
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -12,32 +13,50 @@ from trl.chat_template_utils import has_generation_markers
 from trl.data_utils import pack_dataset
 
 from .. import data, losses
-from ..config import AlignConfig
+from ..config import ActivationOffloadingArguments, AlignConfig, TokenizerArguments
 from ..logprobs import completion_logprobs
 from ..trainer import AlignTrainer
 
 IGNORE_INDEX = -100  # label of a token outside the loss
+SFT_LOSS_TYPES = ("nll", "dft")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
 @dataclass
-class SFTConfig(AlignConfig):
+class SFTConfig(AlignConfig, TokenizerArguments, ActivationOffloadingArguments):
     """Configuration of `SFTTrainer`; TRL's field names and defaults.
 
     Which tokens are trained: for prompt-completion data the completion only (`completion_only_loss`, on unless set
     to False); for conversational data with `assistant_only_loss`, only the assistant turns (the chat template must
     mark them with `{% generation %}`); otherwise every token. Sequences longer than `max_length` are truncated per
-    `truncation_mode`. With `packing`, rows are packed best-fit-decreasing into `max_length`-token rows; attention and
-    the loss stay within each original sequence. `padding_free` (implied by `packing`, as in TRL) flattens each batch
+    `truncation_mode`. With `packing`, rows are packed into `max_length`-token rows by `packing_strategy`: best-fit
+    decreasing (`bfd`: a row longer than `max_length` is truncated; `bfd_split`: it is split), where attention and the
+    loss stay within each original sequence, or `wrapped` (rows concatenated and cut every `max_length` tokens,
+    attention running across them). `padding_free` (implied by the best-fit strategies, as in TRL) flattens each batch
     into one row: nothing is computed on padding, and `max_length` still truncates each row."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (TRL's SFT default)."})
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of LM datasets."})
+    dataset_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Dataset preparation options; the one key is `skip_prepare_dataset` (use the "
+                                "rows' `input_ids` and, if present, `labels` as they are: no tokenization, "
+                                "truncation or packing)."}
+    )
+    shuffle_dataset: bool = field(default=False, metadata={"help": "Shuffle the dataset (seeded; before packing)."})
     packing: bool = field(
-        default=False, metadata={"help": "Pack rows into max_length-token rows (best-fit decreasing)."}
+        default=False, metadata={"help": "Pack rows into max_length-token rows (see packing_strategy)."}
+    )
+    packing_strategy: str = field(
+        default="bfd", metadata={"help": "bfd (best-fit decreasing, longer rows truncated), bfd_split (best-fit "
+                                 "decreasing, longer rows split) or wrapped (concatenated and cut every max_length "
+                                 "tokens, across row boundaries)."}
     )
     padding_free: bool = field(
         default=False, metadata={"help": "Flatten each batch into one row with no padding, position ids restarting "
-                                 "at each sequence (always so with packing)."}
+                                 "at each sequence (always so with the best-fit packing strategies)."}
+    )
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the eval dataset (None: as `packing` says)."}
     )
     completion_only_loss: bool | None = field(
         default=None,
@@ -46,12 +65,43 @@ class SFTConfig(AlignConfig):
     assistant_only_loss: bool = field(
         default=False, metadata={"help": "Train only on assistant turns (conversational data)."}
     )
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+    loss_type: str = field(
+        default="nll", metadata={"help": "nll (negative log-likelihood) or dft (Dynamic Fine-Tuning, arXiv "
+                                 "2508.05629: each token's NLL weighted by its probability, held constant)."}
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this ('auto': none; TRL pads to 128 "
+                                  "on AWS Neuron only)."}
+    )
 
     def __post_init__(self):
-        if self.packing and self.max_length is None:
+        if self.loss_type == "chunked_nll":  # TRL's deprecated alias: its nll is chunked too
+            self.loss_type = "nll"
+        if self.loss_type not in SFT_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.packing_strategy == "bfd-requeue":  # TRL's deprecated name
+            self.packing_strategy = "bfd_split"
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
+        if (self.packing or self.eval_packing) and self.max_length is None:
             raise ValueError("`packing=True` packs rows into `max_length` tokens: set `max_length`.")
+        if isinstance(self.dataset_kwargs, str):
+            import json
+
+            self.dataset_kwargs = json.loads(self.dataset_kwargs)
+        unknown = sorted(set(self.dataset_kwargs or {}) - {"skip_prepare_dataset"})
+        if unknown:
+            raise ValueError(f"dataset_kwargs: unknown keys {unknown}; the one key is 'skip_prepare_dataset'.")
         super().__post_init__()
+
+    @property
+    def skip_prepare_dataset(self) -> bool:
+        return bool((self.dataset_kwargs or {}).get("skip_prepare_dataset", False))
+
+    @property
+    def padding_free_batches(self) -> bool:
+        """Whether batches are flattened into one row: `padding_free`, or packing best-fit (TRL's rule)."""
+        return self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split"))
 
 
 @dataclass
@@ -116,6 +166,7 @@ class SFTTrainer(AlignTrainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        compute_loss_func=None,
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
@@ -126,15 +177,48 @@ class SFTTrainer(AlignTrainer):
         formatting_func=None,
     ):
         self.formatting_func = formatting_func
+        if compute_loss_func is not None and args is not None and args.loss_type == "dft":
+            raise ValueError("`compute_loss_func` replaces the loss, so `loss_type='dft'` would not apply: give one.")
         super().__init__(
             model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
             optimizers, peft_config=peft_config, quantization_config=quantization_config,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
+        self.compute_loss_func = compute_loss_func
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
+        if args.skip_prepare_dataset:
+            return self._check_prepared(dataset, name)
+        dataset = self._tokenize(dataset, name, args)
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+        if args.shuffle_dataset:  # before packing too, so that packed rows mix unrelated sequences (TRL's order)
+            dataset = dataset.shuffle(seed=args.seed)
+        if packing:
+            kwargs = data.map_kwargs(dataset, f"Packing {name}", args.dataset_num_proc)
+            dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, kwargs)
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    @staticmethod
+    def _check_prepared(dataset, name: str):
+        """A dataset given ready (`skip_prepare_dataset`): token ids in `input_ids`, optionally `labels` (-100 where
+        not trained) and `seq_lengths` (packed rows)."""
+        columns = data.dataset_columns(dataset, name)
+        if "input_ids" not in columns:
+            raise data.DataError(f"The {name} dataset needs an 'input_ids' column with `skip_prepare_dataset=True` "
+                                 f"(its columns: {columns}).")
+        masks = sorted({"completion_mask", "assistant_masks"} & set(columns))
+        if masks and "labels" not in columns:
+            raise data.DataError(f"The {name} dataset has {masks} but no 'labels', and `skip_prepare_dataset=True` "
+                                 "skips turning masks into labels: give 'labels' (-100 where not trained).")
+        return dataset
+
+    def _tokenize(self, dataset, name, args):
+        """The rows as `input_ids` and `labels` (-100 where not trained), truncated to `max_length`; rows with no
+        trained token left are dropped (counted in `dropped_rows`)."""
         num_proc = args.dataset_num_proc
         if self.formatting_func is not None:
             if args.completion_only_loss:
@@ -180,9 +264,6 @@ class SFTTrainer(AlignTrainer):
             f"no trained token is left within max_length={args.max_length} (nothing predicts a row's first token, "
             "so a one-token row has none)", num_proc,
         )
-        if args.packing:
-            kwargs = data.map_kwargs(dataset, f"Packing {name}", num_proc)
-            dataset = pack_dataset(dataset, args.max_length, "bfd", kwargs)
         return dataset
 
     def _dataset_format(self, dataset, name: str, args) -> tuple[str, tuple[str, ...]]:
@@ -224,7 +305,7 @@ class SFTTrainer(AlignTrainer):
 
     def default_collator(self, args):
         return DataCollatorForLanguageModeling(
-            self.tokenizer.pad_token_id, args.packing or args.padding_free, args.pad_to_multiple_of
+            self.tokenizer.pad_token_id, args.padding_free_batches, args.pad_to_multiple_of
         )
 
     # -- loss ------------------------------------------------------------------------------------------------------
@@ -233,11 +314,19 @@ class SFTTrainer(AlignTrainer):
         `num_items_in_batch` (trained tokens of the accumulation step, over every process) the sum is divided by it
         and scaled by the process count, since DDP averages gradients, as TRL and transformers do."""
         attention_mask = inputs.get("attention_mask")
-        policy = completion_logprobs(
-            model, inputs["input_ids"], attention_mask, inputs["labels"] != IGNORE_INDEX,
-            position_ids=inputs.get("position_ids"), with_stats=True,
-        )
-        loss = losses.masked_nll(policy.token_logps, policy.mask, num_items_in_batch)
+        with torch.no_grad() if self.compute_loss_func is not None else contextlib.nullcontext():
+            policy = completion_logprobs(
+                model, inputs["input_ids"], attention_mask, inputs["labels"] != IGNORE_INDEX,
+                position_ids=inputs.get("position_ids"), with_stats=True,
+            )
+        if self.compute_loss_func is not None:
+            # TRL's contract: the user's function gets the model's own outputs (full logits) and the labels; the
+            # log-probs above only feed the metrics.
+            loss = self.compute_loss_func(model(**{k: v for k, v in inputs.items() if k != "labels"}),
+                                          inputs["labels"], num_items_in_batch=num_items_in_batch)
+        else:
+            token_loss = losses.dft_loss if self.args.loss_type == "dft" else losses.masked_nll
+            loss = token_loss(policy.token_logps, policy.mask, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         self.record_token_mean("entropy", policy.entropy, policy.mask)

@@ -86,6 +86,9 @@ class AlignConfig(TrainingArguments):
             self.pad_to_multiple_of = int(pad_multiple)
         self._resolve_precision()
         self._resolve_cpu_deepspeed_backend()
+        if getattr(self, "use_vllm", False):
+            raise ValueError("`use_vllm=True` samples with vLLM, which needs the `vllm` package and a CUDA device; "
+                             "hf_align samples with transformers' `generate` (leave `use_vllm` off).")
         if getattr(self, "activation_offloading", False) and (self.use_cpu or not torch.cuda.is_available()):
             raise ValueError("`activation_offloading=True` moves the activations saved for the backward pass from a "
                              "CUDA device to CPU memory: it needs a CUDA device, and this run trains on the CPU.")
@@ -183,3 +186,47 @@ class ActivationOffloadingArguments:
         default=False, metadata={"help": "Move the activations saved for the backward pass to CPU memory during the "
                                  "forward pass and back for the backward (needs a CUDA device)."}
     )
+
+
+@dataclass
+class VLLMArguments:
+    """TRL's vLLM fields (`trl vllm-serve` server or colocated engine), accepted so that TRL configs load; they only
+    act with `use_vllm=True`, which raises: hf_align samples with transformers' `generate`."""
+
+    use_vllm: bool = field(default=False, metadata={"help": "Sample with vLLM (needs vllm and a CUDA device)."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "vLLM in the training processes ('colocate') or a "
+                                                         "`trl vllm-serve` server ('server')."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "vLLM's model implementation: vllm or "
+                                                           "transformers."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Offload the colocated engine's weights "
+                                                                  "and cache between generations."})
+    vllm_structured_outputs_regex: str | None = field(default=None, metadata={"help": "Regex constraining vLLM's "
+                                                                              "samples."})
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "The server's URL (instead of host and "
+                                                                     "port)."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "The server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "The server's port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for the server."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-sync process group."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of the colocated "
+                                                                      "engine."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "Context length of the colocated "
+                                                                      "engine."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor parallelism of the colocated "
+                                                                "engine."})
+
+
+@dataclass
+class VLLMImportanceSamplingArguments:
+    """TRL's correction for the mismatch between vLLM's sampling and the trainer's log-probs (GRPO); it only acts
+    with `use_vllm=True`."""
+
+    vllm_importance_sampling_correction: bool = field(default=True, metadata={"help": "Reweight by π_train/π_vLLM."})
+    vllm_importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": "Per token or per sequence, "
+                                                                                  "truncated or masked."})
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Upper bound of the "
+                                                                                   "ratio."})
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Lower bound of the "
+                                                                                    "ratio."})
+    vllm_importance_sampling_cap: float | None = field(default=None, metadata={"help": "TRL's older name of the "
+                                                                               "upper bound."})

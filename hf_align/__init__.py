@@ -19,6 +19,7 @@ from .trainers.ipo import IPOConfig, IPOTrainer
 from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
 from .trainers.reward import DataCollatorForRewardPairs, RewardConfig, RewardTrainer
 from .trainers.sft import DataCollatorForLanguageModeling, SFTConfig, SFTTrainer
+from .trainers.cpo import CPOConfig, CPOTrainer
 from .trainers.orpo import ORPOConfig, ORPOTrainer
 from .trainers.simpo import SimPOConfig, SimPOTrainer
 from .trainers.spin import SPINConfig, SPINTrainer
@@ -49,6 +50,7 @@ __all__ = [
     "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",
     "DataCollatorForRewardPairs", "RewardConfig", "RewardTrainer",
     "DataCollatorForLanguageModeling", "SFTConfig", "SFTTrainer",
+    "CPOConfig", "CPOTrainer",
     "ORPOConfig", "ORPOTrainer",
     "SimPOConfig", "SimPOTrainer",
     "SPINConfig", "SPINTrainer",

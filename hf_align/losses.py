@@ -202,6 +202,63 @@ def simpo_loss(
     return dpo_sigmoid_loss(h, beta, label_smoothing)
 
 
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+# The CPO loss types scored by each completion's mean token log-prob; the others take the sum (TRL's CPOTrainer).
+CPO_MEAN_LOGP_LOSS_TYPES = ("ipo", "simpo")
+# Only the logistic losses have a label-smoothed (conservative) form.
+CPO_LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "simpo")
+
+
+def alphapo_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (arXiv 2501.03884): `(1 - p^-α) / α` with `p = e^ℓ`, `ℓ` a completion's log-prob (the
+    sum, or the token mean, as the loss type scores it); α = 0 is its limit, `ℓ` itself (SimPO's and CPO's reward).
+    Computed as `-expm1(-α ℓ) / α`: TRL's CPOTrainer raises `e^ℓ` to `-α`, and `e^ℓ` underflows to 0 (the reward to
+    -inf for α > 0) once a summed log-prob falls below about -103 in float32; the numbers agree where TRL's are
+    finite. `logps`: any shape; returns the same shape."""
+    if alpha == 0:
+        return logps
+    return -torch.expm1(-alpha * logps) / alpha
+
+
+def cpo_loss(
+    loss_type: str,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """The preference term of CPO (Contrastive Preference Optimization, arXiv 2401.08417, eq. 3 without its NLL term)
+    and of the other loss types of TRL's CPOTrainer, reference-free: with `r = alphapo_reward(ℓ, alpha)` (`r = ℓ` at
+    α = 0) and `h = r(yw) - r(yl)`,
+
+    - `sigmoid` (CPO): `-(1-ε) log σ(βh) - ε log σ(-βh)`, ε = `label_smoothing` (cDPO);
+    - `hinge` (SLiC, arXiv 2305.10425): `relu(1 - βh)`;
+    - `ipo` (arXiv 2310.12036, eq. 17, β = τ): `(h - 1/(2β))²`;
+    - `simpo` (arXiv 2405.14734, eq. 6; AlphaPO with α ≠ 0): `simpo_loss` on the rewards, margin γ = `simpo_gamma`.
+
+    `ℓ` is each completion's summed log-prob for `sigmoid` and `hinge`, its mean token log-prob for the loss types in
+    `CPO_MEAN_LOGP_LOSS_TYPES`, as TRL scores them. CPO's full objective adds `cpo_alpha · NLL(yw)` to the batch mean
+    of this (`masked_nll` over the chosen completions' tokens). Label smoothing exists only for the logistic losses
+    (`CPO_LABEL_SMOOTHING_LOSS_TYPES`; TRL ignores it for the others with a warning, here it is an error).
+    `chosen_logps`, `rejected_logps`: `[B]`; returns `[B]`."""
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
+    if label_smoothing and loss_type not in CPO_LABEL_SMOOTHING_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} has no label-smoothed form: label_smoothing must be 0.")
+    chosen_rewards, rejected_rewards = alphapo_reward(chosen_logps, alpha), alphapo_reward(rejected_logps, alpha)
+    if loss_type == "simpo":
+        return simpo_loss(chosen_rewards, rejected_rewards, beta, simpo_gamma, label_smoothing)
+    h = dpo_logit(chosen_rewards, rejected_rewards)
+    if loss_type == "sigmoid":
+        return dpo_sigmoid_loss(h, beta, label_smoothing)
+    if loss_type == "hinge":
+        return dpo_hinge_loss(h, beta)
+    return (h - 1 / (2 * beta)) ** 2
+
+
 def kto_loss(
     logratios: torch.Tensor,
     desirable: torch.Tensor,

@@ -4,13 +4,18 @@ trainers that need no reference model (`ReferenceFreePreferenceTrainer`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import random
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 import torch
 
-from . import data, packing
+from . import data, generation, packing
 from .trainer import AlignTrainer
+
+# What TRL's CPO and ORPO trainers generate up to when `max_length` is None (its fallback total length).
+TRL_FALLBACK_MAX_LENGTH = 512
 
 
 def prepare_preference_dataset(
@@ -50,6 +55,20 @@ def add_bos_eos_ids(dataset, tokenizer, name: str, num_proc=None):
         return out
 
     return dataset.map(add, **data.map_kwargs(dataset, f"Adding BOS/EOS to {name}", num_proc))
+
+
+def truncate_completions(dataset, max_completion_length: int | None, name: str, num_proc=None):
+    """Keeps the first `max_completion_length` tokens of each `chosen_ids` / `rejected_ids` (an EOS past them is cut
+    too, as `max_length` cuts it). TRL's ORPO and CPO apply `max_completion_length` only to encoder-decoder models
+    (the tokenizer truncates each completion); for a decoder-only model they ignore it, while here it limits the
+    completion as its name says. Run after `add_bos_eos_ids`."""
+    if max_completion_length is None:
+        return dataset
+
+    def cut(row):
+        return {column: row[column][:max_completion_length] for column in ("chosen_ids", "rejected_ids")}
+
+    return dataset.map(cut, **data.map_kwargs(dataset, f"Truncating completions of {name}", num_proc))
 
 
 @dataclass
@@ -96,11 +115,55 @@ class DataCollatorForPreference:
         return batch
 
 
+SAMPLE_TABLE_TRACKERS = ("wandb", "comet_ml")  # the trackers that take a sample table: `report_to` and module names
+
+
+def installed_sample_trackers() -> list[str]:
+    return [name for name in SAMPLE_TABLE_TRACKERS if importlib.util.find_spec(name) is not None]
+
+
+@dataclass
+class ReferenceFreePreferenceArguments:
+    """The fields TRL's ORPOConfig and CPOConfig share besides the loss; `check_reference_free_arguments` validates
+    them once `report_to` is resolved (call it at the end of the Config's `__post_init__`)."""
+
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Most tokens of each completion (its EOS included); longer ones are cut. "
+                                "None: no limit beyond max_length."}
+    )
+    generate_during_eval: bool = field(
+        default=False, metadata={"help": "At each evaluation, sample completions for a batch of random eval prompts "
+                                 "and log them as a table to W&B or Comet (needs 'wandb' or 'comet_ml' in report_to)."}
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None, metadata={"help": "TRL's flag for encoder-decoder models; hf_align trains decoder-only models, "
+                                "so only None or False."}
+    )
+
+    def check_reference_free_arguments(self) -> None:
+        if self.is_encoder_decoder:
+            raise ValueError("is_encoder_decoder=True: hf_align trains decoder-only causal language models "
+                             "(AutoModelForCausalLM), not encoder-decoder ones such as T5 or BART. Leave "
+                             "is_encoder_decoder unset (None) or False.")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be at least 1 (or None), got {self.max_completion_length}.")
+        if self.generate_during_eval:
+            installed = installed_sample_trackers()
+            if not installed:
+                raise ValueError("`generate_during_eval=True` requires Weights and Biases or Comet to be installed. "
+                                 "Please install `wandb` or `comet-ml` to resolve.")
+            if not any(tracker in self.report_to for tracker in SAMPLE_TABLE_TRACKERS):
+                raise ValueError(f"`generate_during_eval=True` logs its table of samples to W&B or Comet, and neither "
+                                 f"is in report_to={self.report_to}: add {' or '.join(map(repr, installed))} to "
+                                 "report_to, or set generate_during_eval=False.")
+
+
 class ReferenceFreePreferenceTrainer(AlignTrainer):
-    """What the pairwise trainers without a reference model (ORPO, SimPO) share: the constructor of TRL's ORPO and CPO
-    trainers, their token ids (`add_bos_eos_ids`), the pair collator and their metric names. No reference model is
-    ever built, loaded or copied. Subclasses set the `AlignTrainer` class attributes and implement `compute_loss`;
-    their Config has `beta`, and `padding_value` where TRL's has it (ORPO's)."""
+    """What the pairwise trainers without a reference model (ORPO, CPO, SimPO) share: the constructor of TRL's ORPO
+    and CPO trainers, their token ids (`add_bos_eos_ids`, then `truncate_completions`), the pair collator, their metric
+    names and `generate_during_eval`. No reference model is ever built, loaded or copied. Subclasses set the
+    `AlignTrainer` class attributes and implement `compute_loss`; their Config has `beta`, the fields of
+    `ReferenceFreePreferenceArguments`, and `padding_value` where TRL's has it (ORPO's)."""
 
     dataset_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -122,6 +185,11 @@ class ReferenceFreePreferenceTrainer(AlignTrainer):
     ):
         if model_init is not None:
             raise ValueError("`model_init` is not supported: pass the model (an object, an id or a path) as `model`.")
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; hf_align trains decoder-only causal "
+                             "language models (AutoModelForCausalLM).")
+        if getattr(args, "generate_during_eval", False):
+            self.dataset_columns = (*self.dataset_columns, "prompt")  # kept by `remove_unused_columns=True` too
         super().__init__(
             model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
             optimizers, peft_config=peft_config, quantization_config=quantization_config,
@@ -129,10 +197,11 @@ class ReferenceFreePreferenceTrainer(AlignTrainer):
         )
 
     def prepare_dataset(self, dataset, name, args):
+        keep = ("prompt",) if args.generate_during_eval else ()  # the text `log_sample_table` generates from
         dataset, self.dropped_rows[name] = prepare_preference_dataset(
-            dataset, self.tokenizer, name, args, add_bos_eos=True
+            dataset, self.tokenizer, name, args, keep_columns=keep, add_bos_eos=True
         )
-        return dataset
+        return truncate_completions(dataset, args.max_completion_length, name, args.dataset_num_proc)
 
     def default_collator(self, args):
         padding_value = getattr(args, "padding_value", None)
@@ -142,14 +211,16 @@ class ReferenceFreePreferenceTrainer(AlignTrainer):
             padding_free=getattr(args, "padding_free", False),
         )
 
-    def record_pair_metrics(self, chosen_logps, rejected_logps, mean_logit, completion_mask) -> None:
-        """TRL's ORPO/CPO metrics from the mean completion log-probs `[B]` of the pairs: `rewards/*` (reward = β · mean
-        log-prob), `logps/*`, and `logits/*`, the mean logit over the completion tokens (`mean_logit` and
-        `completion_mask` `[2B, T]`, chosen rows first), as hf_align's DPO logs it. (TRL's ORPO and CPO average the
-        logits over every position of the padded batch, prompt and padding included: a number that depends on how
-        the batch was padded.)"""
-        chosen_rewards = self.args.beta * chosen_logps.detach()
-        rejected_rewards = self.args.beta * rejected_logps.detach()
+    def record_pair_metrics(self, chosen_logps, rejected_logps, mean_logit, completion_mask,
+                            chosen_rewards=None, rejected_rewards=None) -> None:
+        """TRL's ORPO/CPO metrics from the completion log-probs `[B]` of the pairs (as the loss scores them: mean or
+        sum): `rewards/*` (`chosen_rewards` / `rejected_rewards` `[B]`, by default β · log-prob), `logps/*`, and
+        `logits/*`, the mean logit over the completion tokens (`mean_logit` and `completion_mask` `[2B, T]`, chosen
+        rows first), as hf_align's DPO logs it. (TRL's ORPO and CPO average the logits over every position of the
+        padded batch, prompt and padding included: a number that depends on how the batch was padded.)"""
+        if chosen_rewards is None:
+            chosen_rewards, rejected_rewards = self.args.beta * chosen_logps, self.args.beta * rejected_logps
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
         self.record_metric("rewards/chosen", chosen_rewards)
         self.record_metric("rewards/rejected", rejected_rewards)
         self.record_metric("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
@@ -160,3 +231,38 @@ class ReferenceFreePreferenceTrainer(AlignTrainer):
         chosen_mean_logit, rejected_mean_logit = mean_logit.chunk(2)
         self.record_token_mean("logits/chosen", chosen_mean_logit, chosen_mask)
         self.record_token_mean("logits/rejected", rejected_mean_logit, rejected_mask)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        if self.args.generate_during_eval:
+            self.log_sample_table(dataloader.dataset)
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    def log_sample_table(self, dataset) -> None:
+        """`generate_during_eval`, as TRL's ORPO and CPO trainers do it: one sampled completion (temperature 1) for
+        each of `eval_batch_size` random rows of `dataset`, logged as the table `game_log` (columns Prompt and Policy)
+        to W&B and/or Comet, whichever `report_to` names. Every process generates (a ZeRO-3 model needs them all);
+        the main one logs. A completion gets `max_completion_length` new tokens, else what `max_length` leaves after
+        the longest prompt (TRL's `generate(max_length=...)`)."""
+        import pandas
+
+        rows = dataset.select(random.sample(range(len(dataset)), k=min(self.args.eval_batch_size, len(dataset))))
+        prompts = list(rows["prompt"])
+        max_new_tokens = self.args.max_completion_length or max(
+            1, (self.args.max_length or TRL_FALLBACK_MAX_LENGTH) - max(len(ids) for ids in rows["prompt_ids"])
+        )
+        sampling = generation.SamplingConfig(max_new_tokens=max_new_tokens, batch_size=len(prompts))
+        completions = generation.generate_completions(self.model, self.tokenizer, prompts, sampling)
+        if not self.is_world_process_zero():
+            return
+        shown = [prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True) for prompt in prompts]
+        table = pandas.DataFrame({"Prompt": shown, "Policy": completions.texts})
+        if "wandb" in self.args.report_to:
+            import wandb
+
+            wandb.log({"game_log": wandb.Table(dataframe=table)})
+        if "comet_ml" in self.args.report_to:
+            from trl.trainer.utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment(name="game_log.csv", table=table)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import losses
 from ..config import AlignConfig
 from ..logprobs import completion_logprobs
-from ..preference import ReferenceFreePreferenceTrainer
+from ..preference import ReferenceFreePreferenceArguments, ReferenceFreePreferenceTrainer
 
 # The NLL scores every token of the chosen sequences, prompt included: several times the positions DPO or SimPO pass
 # through the LM head. Chunks smaller than the default 1024 keep the transient [chunk, vocab] tensors, and so peak
@@ -31,17 +31,21 @@ ORPO_CITATION = """@article{hong2024orpo,
 
 
 @dataclass
-class ORPOConfig(AlignConfig):
+class ORPOConfig(AlignConfig, ReferenceFreePreferenceArguments):
     """Configuration of `ORPOTrainer`; the field names and defaults of TRL's `trl.experimental.orpo.ORPOConfig`.
 
-    `beta` is the paper's λ, the weight of the odds-ratio term. TRL's `max_completion_length` and
-    `is_encoder_decoder` (encoder-decoder models) and `generate_during_eval` (W&B sample tables) are not offered."""
+    `beta` is the paper's λ, the weight of the odds-ratio term. `max_completion_length`, `generate_during_eval` and
+    `is_encoder_decoder` are `ReferenceFreePreferenceArguments` (shared with CPO)."""
 
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's ORPO default)."})
     beta: float = field(default=0.1, metadata={"help": "λ: weight of the odds-ratio term against the NLL."})
     padding_value: int | None = field(
         default=None, metadata={"help": "Id that pads input_ids; the tokenizer's pad token when None."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_reference_free_arguments()
 
 
 class ORPOTrainer(ReferenceFreePreferenceTrainer):

@@ -10,27 +10,37 @@ first stop token (the tokenizer's eos and every `eos_token_id` of the model's ge
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
 from . import data, models
 
 
 @dataclass
 class SamplingConfig:
-    """How completions are sampled. `temperature=0` decodes greedily (top_p / top_k are then unused); `top_k=0` and
-    `top_p=1` switch those filters off. Settings not named here (e.g. `repetition_penalty`) are neutral, whatever the
-    model's own generation config says. `batch_size` counts sequences (prompts × `num_generations`) per `generate`
-    call. With `seed`, sampling is reproducible and leaves the global random state as it was."""
+    """How completions are sampled. `temperature=0` decodes greedily (top_p / top_k / min_p are then unused); `top_k=0`,
+    `top_p=1`, `min_p=None` and `repetition_penalty=1` switch those filters off. Settings not named here are neutral,
+    whatever the model's own generation config says, except `cache_implementation` (None: the model's choice).
+    `generation_kwargs` go to `transformers.GenerationConfig` last, overriding the settings above (TRL's
+    `generation_kwargs`). `batch_size` counts sequences (prompts × `num_generations`) per `generate` call;
+    `pad_to_multiple_of` left-pads each call's prompts to a multiple of that many tokens (fewer distinct shapes for a
+    compiled model). With `seed`, sampling is reproducible and leaves the global random state as it was."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    cache_implementation: str | None = None
+    generation_kwargs: dict | None = None
+    pad_to_multiple_of: int | None = None
     num_generations: int = 1
     batch_size: int = 32
     seed: int | None = None
@@ -41,6 +51,45 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 decodes greedily), got {self.temperature}.")
         if self.max_new_tokens < 1 or self.num_generations < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens, num_generations and batch_size must each be at least 1.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be between 0 and 1 (a fraction of the top token's probability), got "
+                             f"{self.min_p}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: no penalty), got {self.repetition_penalty}.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be at least 1 (or None), got {self.pad_to_multiple_of}.")
+        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
+            raise ValueError(f"generation_kwargs must be a dict of GenerationConfig arguments, got "
+                             f"{type(self.generation_kwargs).__name__}.")
+        extra = self.generation_kwargs or {}
+        if extra.get("num_return_sequences", 1) != 1 or extra.get("return_dict_in_generate"):
+            raise ValueError("generation_kwargs cannot set num_return_sequences or return_dict_in_generate: each row "
+                             "gets one completion (num_generations sets how many per prompt).")
+        check_cache_implementation(extra.get("cache_implementation", self.cache_implementation))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def check_cache_implementation(name: str | None) -> None:
+    """Raises a `ValueError` for a KV-cache implementation `generate` does not know, or one that cannot run here:
+    the offloaded caches move layers between a CUDA device and the CPU, the quantized one needs optimum-quanto or
+    HQQ."""
+    if name is None:
+        return
+    known = ALL_CACHE_IMPLEMENTATIONS + ("paged",)
+    if name not in known:
+        raise ValueError(f"Unknown cache_implementation {name!r}; expected one of {known}.")
+    if name.startswith("offloaded") and not torch.cuda.is_available():
+        raise ValueError(f"cache_implementation={name!r} offloads the cache from a CUDA device to the CPU; there is "
+                         "no CUDA device here. Use 'dynamic' (or None) or 'static'.")
+    if name == "quantized" and not any(_installed(module) for module in ("optimum.quanto", "hqq")):
+        raise ValueError("cache_implementation='quantized' needs optimum-quanto (`pip install optimum-quanto`) or "
+                         "HQQ (`pip install hqq`), and neither is installed.")
 
 
 @dataclass
@@ -79,12 +128,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def _generation_config(sampling: SamplingConfig, stop_ids: list[int], pad_token_id: int) -> GenerationConfig:
     settings = {"max_new_tokens": sampling.max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_token_id,
-                "repetition_penalty": 1.0, "use_cache": True}
+                "repetition_penalty": sampling.repetition_penalty, "use_cache": True,
+                "cache_implementation": sampling.cache_implementation}
     if sampling.temperature == 0:
-        return GenerationConfig(do_sample=False, **settings)
-    return GenerationConfig(
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, **settings
-    )
+        settings["do_sample"] = False
+    else:
+        # min_p 0 filters nothing; None would let the model's generation config choose.
+        settings.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                        min_p=sampling.min_p or 0.0)
+    return GenerationConfig(**{**settings, **(sampling.generation_kwargs or {})})
 
 
 @contextmanager
@@ -97,8 +149,11 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: list[list[int]], pad_token_id: int, device,
+              pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -135,7 +190,8 @@ def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConf
             starts = range(0, len(rows), sampling.batch_size)
             for start in tqdm(starts, desc="Generating", disable=not sampling.progress or len(starts) < 2):
                 batch = rows[start : start + sampling.batch_size]
-                input_ids, attention_mask = _left_pad(batch, tokenizer.pad_token_id, device)
+                input_ids, attention_mask = _left_pad(batch, tokenizer.pad_token_id, device,
+                                                      sampling.pad_to_multiple_of)
                 output = generator.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             generation_config=config)
                 generated = output[:, input_ids.size(1) :].cpu()

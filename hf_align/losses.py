@@ -7,6 +7,8 @@ so trainers choose the reduction; TRL reduces by the batch mean.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -290,7 +292,7 @@ def kto_loss(
 # None for that sample): it is left out of the group and batch statistics and its advantage is 0, as in TRL 1.16.
 
 ADVANTAGE_EPS = 1e-4  # TRL 1.16 adds this to every reward / advantage standard deviation it divides by.
-PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's `loss_type`s
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
 REWARD_SCALES = ("group", "batch", "none")
 
@@ -615,6 +617,104 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
+def sapo_loss(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
+    """SAPO, Soft Adaptive Policy Optimization (arXiv 2511.20347): PPO's hard clip replaced by a smooth gate,
+    `-f(ρ) A` with `f(ρ) = σ(τ (ρ - 1)) · 4 / τ`, `ρ = exp(log_ratio)`, `τ = temperature_pos` where `A > 0` and
+    `temperature_neg` elsewhere. `f(1) = 2/τ` and `f'(1) = 1`: on-policy the gradient is the plain policy gradient; far
+    off-policy it fades smoothly instead of dropping to 0. `log_ratio` `[N, T]` or `[N, 1]`, `advantages` `[N]` or
+    `[N, T]`; returns the broadcast shape (TRL aggregates it as `"grpo"`)."""
+    advantages = _as_column(advantages, log_ratio)
+    temperature = torch.where(advantages > 0, temperature_pos, temperature_neg)
+    return -torch.sigmoid(temperature * (torch.exp(log_ratio) - 1)) * 4 / temperature * advantages
+
+
+def weighted_reinforce_loss(token_logps: torch.Tensor, weights: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The policy gradient with a stop-gradient importance weight per token or per sequence,
+    `-sg(w) · A · log π(y_t)`, whose gradient is `w · A · ∇log π`: the surrogate of CISPO (`cispo_weights`) and
+    VESPO (`vespo_weights`), which reshape the weight instead of clipping the ratio's gradient away. `token_logps` `[N, T]`, `weights` `[N, T]` or
+    `[N, 1]`, `advantages` `[N]` or `[N, T]`; returns `[N, T]`."""
+    return -weights.detach() * _as_column(advantages, token_logps) * token_logps
+
+
+def cispo_weights(log_ratio: torch.Tensor, epsilon_max: float) -> torch.Tensor:
+    """CISPO's importance weight (MiniMax-M1, arXiv 2506.13585, eq. 4–5): `sg(min(ρ, ε_max))`, the ratio truncated
+    from above only, so every token keeps a gradient (PPO's clip zeroes it outside the trust region). TRL reads
+    `ε_max` from `epsilon_high`; ScaleRL (arXiv 2510.13786) uses 5. `log_ratio` `[N, T]` or `[N, 1]`; returns the
+    same shape, detached."""
+    return torch.exp(log_ratio).clamp(max=epsilon_max).detach()
+
+
+VESPO_LOG_WEIGHT_RANGE = (math.log(1e-8), 20.0)  # TRL 1.16's (and the authors') clamp of the sequence's log-ratio
+
+
+def vespo_weights(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+) -> torch.Tensor:
+    """VESPO's sequence weight (Variational sEquence-level Soft Policy Optimization, arXiv 2602.10693): the Gamma-shaped
+    kernel `φ(w) = e^λ · w^k · e^(-λ w)` (so `φ(1) = 1`) of the whole sequence's importance ratio
+    `w = π(y)/π_old(y)`, with `(k, λ) = (k_pos, λ_pos)` where `A ≥ 0` and `(k_neg, λ_neg)` where `A < 0`: `k`
+    sets how fast weights fall for `w < 1`, `λ` for `w > 1`. Computed in log space as TRL 1.16 does: each token's
+    log-ratio clamped to [-20, 20], their masked sum clamped to `[log 1e-8, 20]`, `λ` at least 1e-4, and a
+    non-finite φ set to 0. `log_ratio` (`logp - old`), `mask` `[N, T]`, `advantages` `[N]`; returns `[N, 1]`,
+    detached (it only scales the gradient, `weighted_reinforce_loss`)."""
+    with torch.no_grad():
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask.to(log_ratio.dtype)).sum(-1, keepdim=True)
+        log_w = log_w.clamp(*VESPO_LOG_WEIGHT_RANGE)
+        non_negative = _as_column(advantages, log_ratio) >= 0
+        k = torch.where(non_negative, k_pos, k_neg)
+        lam = torch.where(non_negative, lambda_pos, lambda_neg).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_sequence_mask(
+    advantages: torch.Tensor, logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556, eq. 9): a sequence is left out of the policy loss
+    when its advantage is negative *and* the sampling policy has drifted from the current one by more than `threshold`
+    in mean token KL, `(1/|y|) Σ_t (old_t - logp_t) > threshold` (the k1 estimate of KL(π_old ‖ π) on π_old's
+    samples). Learning from one's own mistakes only helps while they are still one's own. `advantages` `[N]`,
+    `logps` (taken without gradient), `old_logps`, `mask` `[N, T]`; returns `[N, 1]`: 1 keep, 0 drop (in `mask`'s
+    float dtype). As TRL, a NaN log-prob difference counts as 0."""
+    mask = mask.to(logps.dtype)
+    drift = torch.nan_to_num(old_logps - logps.detach(), nan=0.0)
+    mean_kl = (drift * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((_as_column(advantages, logps) >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def high_entropy_mask(
+    entropy: torch.Tensor, mask: torch.Tensor, quantile: float, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """"Beyond the 80/20 Rule" (arXiv 2506.01939): the policy gradient only through the top-`quantile` fraction of
+    tokens by entropy (the "forking" tokens). A token is kept when it is in `mask` and its entropy is at least the
+    `(1 - quantile)` quantile (linear interpolation, `torch.quantile`) of `pool`, the entropies it is ranked among:
+    by default this batch's masked-in ones; TRL 1.16 ranks among every process's. `quantile=1` keeps every token,
+    `0` only the highest. `entropy`, `mask` `[N, T]`; returns `[N, T]` bool (all False when `pool` is empty)."""
+    pool = entropy[mask.bool()] if pool is None else pool
+    if pool.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(pool.float(), 1.0 - quantile)
+    return (entropy >= threshold) & mask.bool()
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float, target: float, step: float, coef_min: float, coef_max: float
+) -> float:
+    """Skywork-OR1's adaptive entropy control (arXiv 2505.22312, §3.2.4): after each optimizer step the entropy bonus's
+    coefficient moves by `step` towards keeping the policy's mean token entropy at `target`: up (to at most `coef_max`)
+    when `entropy ≤ target`, down (to at least `coef_min`) otherwise. Returns the new coefficient."""
+    if entropy <= target:
+        return min(coef + step, coef_max)
+    return max(coef - step, coef_min)
+
+
 def aggregate_token_loss(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -635,16 +735,20 @@ def aggregate_token_loss(
     - `"dr_grpo"` (arXiv 2503.20783): `S / (N · max_completion_length) / GA`, `N` the micro-batch's rows;
     - `"dapo"` (arXiv 2503.14476, eq. 8): `S / [max(num_items_in_batch, 1) / num_processes · GA / spg]`, where
       `num_items_in_batch` is the completion-token count of the whole generation batch summed over every process
-      (TRL gathers it when generating), `spg` = `steps_per_generation` (default: GA).
+      (TRL gathers it when generating), `spg` = `steps_per_generation` (default: GA);
+    - `"luspo"` (arXiv 2602.05261): `mean_i [Σ_t mask loss] / GA`, each sequence's loss summed, not averaged, over its
+      tokens (GSPO's sequence loss scaled by its length);
+    - the other loss types aggregate as TRL's: `"sapo"` as `"grpo"`, `"cispo"` and `"vespo"` as `"dapo"`.
 
     `GA` = `gradient_accumulation_steps`: in training pass TRL's `current_gradient_accumulation_steps` (the loss is
     returned already scaled for accumulation, TRL's `loss_is_scaled_for_ga = True`); in evaluation pass 1 (and
     `steps_per_generation=1`). With the default 1 the un-scaled loss (TRL's logged `policy_loss`) comes back. For
     `"dapo"` the micro-batch losses of one optimizer step, summed over accumulation and averaged over processes (as
     DDP does with gradients), add up to `Σ_{all tokens} loss / num_items_in_batch` when spg = GA: the token mean over
-    the whole generation batch. TRL's `sapo` aggregates as `"grpo"`, `cispo`/`vespo` as `"dapo"`."""
+    the whole generation batch."""
     mask = mask.to(per_token_loss.dtype)
     total = (per_token_loss * mask).sum()
+    loss_type = {"sapo": "grpo", "cispo": "dapo", "vespo": "dapo"}.get(loss_type, loss_type)
     if loss_type == "grpo":
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
@@ -653,6 +757,8 @@ def aggregate_token_loss(
         if max_completion_length is None:
             raise ValueError('loss_type="dr_grpo" needs max_completion_length.')
         loss = total / (per_token_loss.shape[0] * max_completion_length)
+    elif loss_type == "luspo":
+        loss = (per_token_loss * mask).sum(-1).mean()
     elif loss_type == "dapo":
         if num_items_in_batch is None:
             raise ValueError('loss_type="dapo" needs num_items_in_batch (the generation batch\'s token count).')

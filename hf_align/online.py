@@ -12,12 +12,14 @@ normalised whole; each process keeps its own rows' advantages.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import gather, gather_object, set_seed
 
 from . import data, distributed, losses, models
@@ -54,6 +56,25 @@ class OnlineConfig(AlignConfig, PackingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    min_p: float | None = field(
+        default=None, metadata={"help": "Min-p sampling: drop tokens less likely than min_p × the top token's "
+                                        "probability (0 to 1; typical 0.01-0.2; None: off)."}
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Penalise tokens already in the prompt or the completion so far (> 1: fewer "
+                                         "repeats, < 1: more; 1: off)."}
+    )
+    cache_implementation: str | None = field(
+        default=None, metadata={"help": "KV cache `generate` uses, e.g. 'static' or 'dynamic' (None: the model's)."}
+    )
+    generation_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "More `transformers.GenerationConfig` arguments (e.g. suppress_tokens); they "
+                                          "override the sampling fields above. A JSON string is parsed."}
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad prompts and completions to a multiple of this many tokens (fewer shapes "
+                                            "to compile). 'auto', TRL's default: none (TRL pads to 128 on AWS Neuron)."}
+    )
     beta: float = field(
         default=0.0, metadata={"help": "KL coefficient against the reference; 0 builds no reference at all."}
     )
@@ -72,6 +93,9 @@ class OnlineConfig(AlignConfig, PackingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.generation_kwargs, str):  # from a command line
+            self.generation_kwargs = json.loads(self.generation_kwargs)
+        self.sampling(batch_size=1)  # checks the sampling fields now, not at the first generation
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.num_generations < self.min_generations:
@@ -99,6 +123,32 @@ class OnlineConfig(AlignConfig, PackingArguments):
         if self.eval_strategy != "no" and eval_batch % self.num_generations_eval:
             raise ValueError(f"The global eval batch ({eval_batch}) must be a multiple of num_generations_eval "
                              f"({self.num_generations_eval}).")
+
+    def sampling(self, batch_size: int) -> SamplingConfig:
+        """How completions are sampled, `batch_size` sequences per `generate` call."""
+        return SamplingConfig(
+            max_new_tokens=self.max_completion_length, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            cache_implementation=self.cache_implementation, generation_kwargs=self.generation_kwargs,
+            pad_to_multiple_of=self.pad_to_multiple_of, batch_size=batch_size,
+        )
+
+
+def pad_rollout(rollout: dict, pad_to_multiple_of: int, pad_token_id: int) -> dict:
+    """The rollout with its prompt tensors left-padded and its completion tensors right-padded to a multiple of
+    `pad_to_multiple_of` tokens (TRL's `pad_to_multiple_of`): masked-out padding, so no number changes."""
+
+    def padding(width: int) -> int:
+        return -width % pad_to_multiple_of
+
+    prompt_pad, completion_pad = padding(rollout["prompt_ids"].size(1)), padding(rollout["completion_ids"].size(1))
+    return {
+        **rollout,
+        "prompt_ids": F.pad(rollout["prompt_ids"], (prompt_pad, 0), value=pad_token_id),
+        "prompt_mask": F.pad(rollout["prompt_mask"], (prompt_pad, 0), value=0),
+        "completion_ids": F.pad(rollout["completion_ids"], (0, completion_pad), value=pad_token_id),
+        "completion_mask": F.pad(rollout["completion_mask"], (0, completion_pad), value=0),
+    }
 
 
 @dataclass
@@ -216,9 +266,7 @@ class OnlineTrainer(AlignTrainer):
         return self.args.num_generations if self.model.training else self.args.num_generations_eval
 
     def sampling_config(self, num_rows: int) -> SamplingConfig:
-        args = self.args
-        return SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, batch_size=max(num_rows, 1))
+        return self.args.sampling(batch_size=max(num_rows, 1))
 
     def score_rollout(self, rows: list[dict]) -> dict:
         """Samples one completion per row (the rows hold each prompt `group_size` times), computes what the loss
@@ -231,6 +279,8 @@ class OnlineTrainer(AlignTrainer):
                 generator, self.tokenizer, prompts, self.sampling_config(len(prompts)),
                 mask_truncated=self.args.mask_truncated_completions, device=device,
             )
+        if self.args.pad_to_multiple_of:
+            rollout = pad_rollout(rollout, self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
         rollout["is_truncated"] = is_truncated
         self.record_generation_metrics(rollout, sampled.lengths.to(device), is_truncated)
         rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")

@@ -10,16 +10,16 @@ whitens the sum over the whole batch (eq. 4–6; `losses.decoupled_group_advanta
 
 over the completion's group (G) and the whole generation batch of every process (N), stds Bessel-corrected.
 
-The loss is GRPO's, with every `GRPOConfig` option (loss_type, β, ε, importance_sampling_level). This is TRL 1.16's
-`GRPOTrainer` with `multi_objective_aggregation="normalize_then_sum"`, number for number; TRL ignores `scale_rewards`
-there, and `GDPOConfig` refuses a value other than the default instead.
+The loss is GRPO's, with every `GRPOConfig` option (loss_type, β, ε, importance_sampling_level...). This is TRL 1.16's
+`GRPOTrainer` with `multi_objective_aggregation="normalize_then_sum"`, number for number, and `GRPOTrainer` with that
+setting is this trainer; `GDPOTrainer` only names it (model card, paper) and makes it the default. TRL ignores
+`scale_rewards` there; hf_align refuses a value other than the default instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .. import losses
 from .grpo import GRPOConfig, GRPOTrainer
 
 GDPO_CITATION = """@article{liu2026gdpo,
@@ -32,13 +32,18 @@ GDPO_CITATION = """@article{liu2026gdpo,
 
 @dataclass
 class GDPOConfig(GRPOConfig):
-    """Configuration of `GDPOTrainer`: `GRPOConfig`, whose `scale_rewards` GDPO's fixed normalisation replaces."""
+    """Configuration of `GDPOTrainer`: `GRPOConfig` with `multi_objective_aggregation="normalize_then_sum"`."""
+
+    multi_objective_aggregation: str = field(
+        default="normalize_then_sum",
+        metadata={"help": "GDPO's: normalise each reward function within its group, sum, whiten over the batch."},
+    )
 
     def __post_init__(self):
+        if self.multi_objective_aggregation != "normalize_then_sum":
+            raise ValueError(f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not GDPO: use "
+                             "GRPOConfig / GRPOTrainer for it.")
         super().__post_init__()
-        if self.scale_rewards != "group":
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} does not apply to GDPO: each reward function is "
-                             "normalised by its group's std and their weighted sum by the batch's. Leave it unset.")
 
 
 class GDPOTrainer(GRPOTrainer):
@@ -50,14 +55,7 @@ class GDPOTrainer(GRPOTrainer):
     paper = {"title": "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL "
                       "Optimization", "id": "2601.05242", "citation": GDPO_CITATION}
 
-    def compute_advantages(self, rewards_per_func, rollout):
-        weights = self.reward_scorer.weights
-        summed = losses.decoupled_group_rewards(rewards_per_func, weights, self.group_size)
-        # As TRL: the batch std of the summed normalised rewards is what a zero advantage comes from.
-        self.record_zero_std_groups(losses.reward_std_is_zero(summed, self.group_size, scale="batch"))
-        return losses.decoupled_group_advantages(rewards_per_func, weights, self.group_size)
-
     def card_hyperparameters(self) -> dict:
         hyperparameters = super().card_hyperparameters()
-        del hyperparameters["scale_rewards"]
+        del hyperparameters["scale_rewards"], hyperparameters["multi_objective_aggregation"]
         return {**hyperparameters, "reward_weights": self.reward_scorer.weights.tolist()}

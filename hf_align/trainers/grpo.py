@@ -181,7 +181,7 @@ class GRPOConfig(OnlineConfig):
                              f"{self.epsilon_high}: every weight would sit below 1. Set epsilon_high (ScaleRL uses 5).")
 
     @property
-    def entropy_bonus(self) -> bool:
+    def uses_entropy_bonus(self) -> bool:
         return self.entropy_coef != 0 or self.use_adaptive_entropy
 
 
@@ -278,7 +278,7 @@ class GRPOTrainer(OnlineTrainer):
             per_token_loss = per_token_loss + args.beta * kl
             self.record_token_mean("kl", kl, mask)
         loss = self.aggregate(per_token_loss, mask, inputs["num_items_in_batch"])
-        if args.entropy_bonus:
+        if args.uses_entropy_bonus:
             self.record_metric("policy_loss", loss)
             loss = loss - self.entropy_bonus(policy.entropy, loss_tokens)
         self.record_token_mean("entropy", policy.entropy, mask)

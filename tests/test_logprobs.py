@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from hf_align import logprobs
 from hf_align.data import collate_prompt_completions
 from hf_align.logprobs import completion_logprobs, token_logprobs
 
@@ -99,7 +100,7 @@ def test_matches_naive_log_softmax(model, left_pad, chunk_size):
     assert naive["entropy"][naive["mask"].bool()].std() > 1e-2
 
 
-def test_without_stats_and_with_temperature_and_softcap(model):
+def test_without_stats_and_with_temperature(model):
     batch = _batch(model.config.vocab_size, seed=1)
     args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     with torch.no_grad():
@@ -110,12 +111,19 @@ def test_without_stats_and_with_temperature_and_softcap(model):
         naive_hot = _naive(model, batch, temperature=0.7)
         torch.testing.assert_close(hot.token_logps, naive_hot["token_logps"], **TOL)
         torch.testing.assert_close(hot.entropy, naive_hot["entropy"], **TOL)
-        # A model whose config asks for final-logit soft-capping (as Gemma 2 does) gets it applied.
-        model.config.final_logit_softcapping = 2.0
-        capped = completion_logprobs(model, *args, chunk_size=5)
-        del model.config.final_logit_softcapping
-        torch.testing.assert_close(capped.token_logps, _naive(model, batch, softcap=2.0)["token_logps"], **TOL)
-        assert (capped.token_logps - plain.token_logps).abs().max() > 1e-2
+
+
+def test_a_soft_cap_the_forward_does_not_apply_is_not_applied(model):
+    """A config may name a final soft cap that its model's forward does not apply (transformers' multimodal Gemma 3
+    causal LM): the log-probs are those of the forward's own logits, still through the chunked head."""
+    batch = _batch(model.config.vocab_size, seed=1)
+    model.config.final_logit_softcapping = 2.0  # LlamaForCausalLM ignores it
+    with torch.no_grad():
+        ours = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                   chunk_size=5)
+        torch.testing.assert_close(ours.token_logps, _naive(model, batch)["token_logps"], **TOL)
+        assert (ours.token_logps - _naive(model, batch, softcap=2.0)["token_logps"]).abs().max() > 1e-2
+    assert logprobs._FAST_PATHS[model] == logprobs._FastPath(softcap=None)
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 6])

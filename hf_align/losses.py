@@ -18,6 +18,50 @@ def dpo_logit(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) 
     return chosen_logratios - rejected_logratios
 
 
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(
+    logratios: torch.Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5
+) -> torch.Tensor:
+    """f-DPO (arXiv 2309.16240, Theorem 1): with the regulariser `β D_f(π ‖ π_ref)` in place of DPO's reverse KL, the
+    implicit reward of `y` is `β f'(u)`, `u = π(y)/π_ref(y) = e^r`, `r` = `logratios`. Returns `f'(u) - f'(1)` (0 where
+    the policy is the reference; the constant cancels in `h` but not once IPO divides by lengths), as TRL 1.16:
+
+    - `reverse_kl` (DPO), `f(u) = u log u`: `r`;
+    - `forward_kl`, `f(u) = -log u`: `1 - e^-r`;
+    - `js_divergence` (Jensen–Shannon): `log 2 + log σ(r)`;
+    - `alpha_divergence`: `(e^((a-1) r) - 1) / (a - 1)`, `a` = `alpha` (TRL's `f_alpha_divergence_coef`; it is the
+      paper's α-divergence with α = 1 - a, the same at the default a = 0.5), `r` when `|a - 1| < 1e-6` (its limit).
+      `(a-1) r` is capped at 80 so that the exponential stays finite in float32.
+
+    Feed `chosen - rejected` of these scores to the DPO losses in place of `h`. `logratios`: any shape; returns the
+    same shape."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return LN2 + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratios
+        exponent = ((alpha - 1.0) * logratios).to(torch.promote_types(logratios.dtype, torch.float32))
+        return (torch.expm1(exponent.clamp(max=80.0)) / (alpha - 1.0)).to(logratios.dtype)
+    raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}.")
+
+
+def length_normalized_logit(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """`h̄ = s(yw)/|yw| - s(yl)/|yl|`: the DPO logit with each completion's score (log-ratio) divided by its token
+    count (at least 1). Inputs `[B]`; returns `[B]`."""
+    return chosen_scores / chosen_lengths.clamp(min=1) - rejected_scores / rejected_lengths.clamp(min=1)
+
+
 def dpo_sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """DPO (arXiv 2305.18290, eq. 7): `-log σ(β h)`.
 
@@ -48,13 +92,115 @@ def ipo_loss(
     beta: float,
 ) -> torch.Tensor:
     """IPO (arXiv 2310.12036, eq. 17) with regulariser τ = `beta`: `(h̄ - 1/(2τ))²`, where `h̄` uses log-ratios
-    divided by their completion's token count (TRL's form, confirmed with the IPO authors; OpenRLHF uses sums).
-    Inputs `[B]`; returns `[B]`."""
-    h = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+    divided by their completion's token count (`length_normalized_logit`; TRL's form, confirmed with the IPO authors;
+    OpenRLHF uses sums). Inputs `[B]`; returns `[B]`."""
+    h = length_normalized_logit(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
     return (h - 1 / (2 * beta)) ** 2
 
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+def exo_pair_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """EXO for pairs (arXiv 2402.00856, eq. 16): the reverse KL from the policy's preference distribution over the
+    pair, `q = softmax(β r) = [σ(βh), σ(-βh)]`, to the smoothed labels `p = [1-ε, ε]`:
+    `σ(βh) [log σ(βh) - log(1-ε)] + σ(-βh) [log σ(-βh) - log ε]`, 0 < ε < 1 (the paper suggests ε = 1e-3).
+    `h`: `[B]`; returns `[B]`."""
+    log_q_chosen, log_q_rejected = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+    return (torch.exp(log_q_chosen) * (log_q_chosen - math.log1p(-label_smoothing))
+            + torch.exp(log_q_rejected) * (log_q_rejected - math.log(label_smoothing)))
+
+
+def nca_pair_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
+    """NCA for pairs (arXiv 2402.05369, the NCA loss with K = 2 responses): with rewards `r = β · logratio`,
+    `-log σ(r_w) - ½ log σ(-r_w) - ½ log σ(-r_l)`: it raises the chosen reward in absolute terms, not only relative to
+    the rejected one. Inputs `[B]`; returns `[B]`."""
+    chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def bco_pair_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
+    """BCO for pairs (arXiv 2404.04656): a binary classifier on the implicit rewards `r = β · logratio`, chosen
+    labelled 1 and rejected 0: `-log σ(r_w) - log σ(-r_l)`. The paper shifts the rewards by δ, a running mean of the
+    rewards; TRL 1.16's `bco_pair` has no shift (nor any state), and neither has this. Inputs `[B]`; returns `[B]`."""
+    return -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+
+
+def sppo_hard_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
+    """SPPO with hard preference probabilities (arXiv 2405.00675, eq. 4.7 with P(yw ≻ π) = 1, P(yl ≻ π) = 0, η = 1/β):
+    `(r_w - 1/(2β))² + (r_l + 1/(2β))²`, `r` the log-ratios. Inputs `[B]`; returns `[B]`."""
+    return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+
+
+def aot_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """AOT, alignment via optimal transport (arXiv 2406.05882): first-order stochastic dominance of one distribution
+    over another, enforced by the cDPO loss (`dpo_sigmoid_loss`) on their sorted samples, `Δ = sort(chosen) -
+    sort(rejected)` over the batch. Paired AOT (`aot`): `chosen` the policy's margins `logp(yw) - logp(yl)`,
+    `rejected` the reference's `ref(yw) - ref(yl)`; unpaired (`aot_unpaired`): the chosen and the rejected
+    log-ratios. Inputs `[B]`; returns `[B]`, one loss per rank (not per input pair)."""
+    delta = torch.sort(chosen).values - torch.sort(rejected).values
+    return dpo_sigmoid_loss(delta, beta, label_smoothing)
+
+
+def apo_zero_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
+    """APO-zero (anchored preference optimisation, arXiv 2408.06266, eq. 7), for chosen completions better than the
+    policy's own: `[1 - σ(β r_w)] + σ(β r_l)` raises the chosen likelihood and lowers the rejected one, each against
+    the reference. Inputs `[B]`; returns `[B]`."""
+    return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+
+
+def apo_down_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
+    """APO-down (arXiv 2408.06266, eq. 8), for chosen completions worse than the policy's own:
+    `σ(β r_w) + [1 - σ(β (r_w - r_l))]` lowers both likelihoods, the rejected one more. Inputs `[B]`; returns `[B]`."""
+    return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+
+
+def discopop_loss(h: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """DiscoPOP, the log-ratio modulated loss (arXiv 2406.08414, eq. 5): with `z = β h` and `m = σ(z/τ)`,
+    `(1 - m) (-log σ(z)) + m e^-z`, a blend of the logistic (DPO) and exponential losses. `m e^-z` is computed as
+    `exp(log σ(z/τ) - z)`: a very negative `z` gives 0 there, not 0 · inf = NaN as the product form (TRL's) does.
+    `h`: `[B]`; returns `[B]`."""
+    z = beta * h
+    modulation = torch.sigmoid(z / tau)
+    return -(1 - modulation) * F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
+
+
+def length_desensitized_logps(
+    chosen_token_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_token_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's completion log-probs (length desensitisation, arXiv 2409.06411): the first `min(|yw|, |yl|)` completion tokens of a
+    pair count fully, the longer completion's remaining ("verbose") ones with weight α:
+    `logp(y) = Σ_{k ≤ min} logp(y_k) + α Σ_{k > min} logp(y_k)` (α = 1: the plain sum). Apply it to the policy and
+    the reference alike. Token log-probs and masks (1 on completion tokens, in order) `[B, T]`; returns
+    `(chosen, rejected)`, each `[B]`."""
+    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1)).unsqueeze(-1)
+
+    def weighted_sum(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        position = mask.cumsum(-1)  # 1 on a completion's first token
+        weight = torch.where(position <= shared, 1.0, alpha) * mask
+        return (token_logps * weight).sum(-1)
+
+    return weighted_sum(chosen_token_logps, chosen_mask), weighted_sum(rejected_token_logps, rejected_mask)
+
+
+def wpo_weights(token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of a completion (arXiv 2406.11827, eq. 2), its length-normalised probability under the policy
+    with each token's probability divided by `Σ_v π(v|·)²` (the "aligned" sampling probability):
+    `w(y) = exp(Σ_t mask · [logp(y_t) - log Σ_v π(v|·)²] / max(Σ_t mask, 1))`. A pair's loss is weighted by
+    `w(yw) · w(yl)`, treated as a constant (pass detached inputs). `token_logps`, `log_sum_sq_probs`, `mask` `[N, T]`;
+    returns `[N]`."""
+    aligned = ((token_logps - log_sum_sq_probs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return torch.exp(aligned)
+
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+# The losses of the chosen-minus-rejected score `h`, where f-DPO's partition term cancels: the only ones a non-default
+# `f_divergence_type` generalises (TRL 1.16's list).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 def dpo_loss(
@@ -66,17 +212,65 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    reference_margins: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> torch.Tensor:
-    """Per-pair loss `[B]` of the DPO family member `loss_type` (one of `DPO_LOSS_TYPES`)."""
-    h = dpo_logit(chosen_logratios, rejected_logratios)
+    """Per-pair loss `[B]` of the DPO family member `loss_type` (one of `DPO_LOSS_TYPES`), from the log-ratios `[B]`.
+
+    The losses of `h` (`F_DIVERGENCE_LOSS_TYPES`) take it from the f-divergence scores (`f_divergence_scores`);
+    `ipo` and `sigmoid_norm` (length-normalised DPO, as Tülu 3 trains, arXiv 2411.15124; cDPO with `label_smoothing`
+    as `sigmoid`) need `chosen_lengths` / `rejected_lengths` `[B]` (completion token counts), `aot` the reference's
+    margins `ref(yw) - ref(yl)` `[B]` (the policy's are `h` plus them), and `sft` the NLL of the chosen completions
+    (a scalar, e.g. `masked_nll`; every pair gets it). `label_smoothing` is ε of cDPO (`sigmoid`, `sigmoid_norm`,
+    `aot`, `aot_unpaired`), robust DPO and EXO."""
+
+    def needed(value, name):
+        if value is None:
+            raise ValueError(f"DPO loss_type={loss_type!r} needs `{name}`.")
+        return value
+
+    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} has no f-divergence form: f_divergence_type must be 'reverse_kl'.")
+    chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    h = dpo_logit(chosen_scores, rejected_scores)
     if loss_type == "sigmoid":
         return dpo_sigmoid_loss(h, beta, label_smoothing)
     if loss_type == "hinge":
         return dpo_hinge_loss(h, beta)
+    if loss_type == "ipo":
+        lengths = needed(chosen_lengths, "chosen_lengths"), needed(rejected_lengths, "rejected_lengths")
+        return ipo_loss(chosen_scores, rejected_scores, *lengths, beta)
+    if loss_type == "exo_pair":
+        return exo_pair_loss(h, beta, label_smoothing)
+    if loss_type == "nca_pair":
+        return nca_pair_loss(chosen_logratios, rejected_logratios, beta)
     if loss_type == "robust":
         return dpo_robust_loss(h, beta, label_smoothing)
-    if loss_type == "ipo":
-        return ipo_loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, beta)
+    if loss_type == "bco_pair":
+        return bco_pair_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "sppo_hard":
+        return sppo_hard_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "aot":
+        reference = needed(reference_margins, "reference_margins")
+        return aot_loss(h + reference, reference, beta, label_smoothing)
+    if loss_type == "aot_unpaired":
+        return aot_loss(chosen_logratios, rejected_logratios, beta, label_smoothing)
+    if loss_type == "apo_zero":
+        return apo_zero_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "apo_down":
+        return apo_down_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "discopop":
+        return discopop_loss(h, beta, discopop_tau)
+    if loss_type == "sft":
+        return needed(chosen_nll, "chosen_nll").expand_as(chosen_logratios)
+    if loss_type == "sigmoid_norm":
+        lengths = needed(chosen_lengths, "chosen_lengths"), needed(rejected_lengths, "rejected_lengths")
+        return dpo_sigmoid_loss(length_normalized_logit(chosen_scores, rejected_scores, *lengths), beta,
+                                label_smoothing)
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}.")
 
 

@@ -180,7 +180,7 @@ def packed_logprobs(
     return CompletionLogProbs(per_completion(results[0]), mask, *(per_completion(values) for values in results[1:]))
 
 
-def batch_logprobs(model, batch: dict, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def batch_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    with_stats: bool = False) -> CompletionLogProbs:
     """Completion log-probs of a collated batch: a packed one (`completion_index`, from `pack_sequences`) gives one row
     per completion (`packed_logprobs`), a padded one (`input_ids` / `attention_mask` / `completion_mask`) its rows."""
@@ -188,10 +188,10 @@ def batch_logprobs(model, batch: dict, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
         lengths = batch["completion_lengths"]
         return packed_logprobs(
             model, batch["input_ids"], batch["sequence_ids"], batch["completion_index"], num_completions=len(lengths),
-            width=int(lengths.max()), chunk_size=chunk_size, with_stats=with_stats,
+            width=int(lengths.max()), temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
         )
     return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               chunk_size=chunk_size, with_stats=with_stats)
+                               temperature=temperature, chunk_size=chunk_size, with_stats=with_stats)
 
 
 def batch_token_count(batch: dict, num_completions: int | None = None) -> torch.Tensor:

@@ -433,21 +433,27 @@ class AlignTrainer(Trainer):
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     staging_folder: str | None = None  # while `_save_checkpoint` runs: the folder Trainer writes the checkpoint under
+    reference_sync = None  # a trainer's TR-DPO reference updates (`reference_sync.ReferenceSync`), when it has them
 
     def save_training_state(self, checkpoint: str) -> None:
         """Writes into the `checkpoint` folder, on every process, what a resumed run needs beyond what Trainer saved
         there (weights, optimizer, scheduler, RNG, `TrainerState`) to go on exactly as if it had never stopped;
-        `load_training_state` reads it back. Here: the `num_tokens` count and the skipped steps."""
+        `load_training_state` reads it back. Here: the `num_tokens` count, the skipped steps and a reference model
+        moved by `reference_sync`."""
         if self.args.should_save:
             with open(os.path.join(checkpoint, TRAINING_STATE_NAME), "w") as file:
                 json.dump({"num_tokens": getattr(self, "_total_train_tokens", 0), "skipped_steps": self.skipped_steps},
                           file)
+        if self.reference_sync is not None:
+            self.reference_sync.save(checkpoint)
 
     def load_training_state(self, checkpoint: str) -> None:
         """Restores what `save_training_state` wrote into `checkpoint`, before training resumes from it."""
         with open(os.path.join(checkpoint, TRAINING_STATE_NAME)) as file:
             state = json.load(file)
         self._total_train_tokens, self.skipped_steps = state["num_tokens"], state["skipped_steps"]
+        if self.reference_sync is not None:
+            self.reference_sync.load(checkpoint)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last complete checkpoint in `output_dir`

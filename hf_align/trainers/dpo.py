@@ -1,6 +1,8 @@
-"""DPO: Direct Preference Optimization (Rafailov et al., arXiv 2305.18290), with the hinge, IPO and robust variants
-and cDPO label smoothing. A drop-in for `trl.DPOTrainer` / `trl.DPOConfig`: same constructor, dataset formats
-(`prompt`/`chosen`/`rejected`, text or conversational, prompt implicit or explicit) and logged metric names."""
+"""DPO: Direct Preference Optimization (Rafailov et al., arXiv 2305.18290) and the variants of TRL 1.16's `DPOTrainer`:
+every loss type of `losses.DPO_LOSS_TYPES` (alone or weighted together, e.g. MPO's `["sigmoid", "bco_pair", "sft"]`),
+cDPO label smoothing, f-divergence regularisers (f-DPO), WPO weighting, LD-DPO and TR-DPO's reference updates. A
+drop-in for `trl.DPOTrainer` / `trl.DPOConfig`: same constructor, dataset formats (`prompt`/`chosen`/`rejected`, text or
+conversational, prompt implicit or explicit) and logged metric names."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import torch
 
 from .. import losses, models, preference
 from ..config import AlignConfig, PackingArguments
+from ..logprobs import CompletionLogProbs
 from ..packing import batch_logprobs, batch_token_count
 from ..preference import DataCollatorForPreference
+from ..reference_sync import ReferenceSync, ReferenceSyncArguments
 from ..trainer import AlignTrainer
 
 DPO_CITATION = """@inproceedings{rafailov2023direct,
@@ -23,19 +27,53 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 
 
 @dataclass
-class DPOConfig(AlignConfig, PackingArguments):
+class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments):
     """Configuration of `DPOTrainer`; TRL's field names and defaults.
 
     `loss_type` is one of `losses.DPO_LOSS_TYPES` or a list of them, combined with `loss_weights`.
-    `label_smoothing` ε: for `sigmoid` it gives cDPO, for `robust` the label-flip rate."""
+    `label_smoothing` ε: for `sigmoid` (and `sigmoid_norm`, `aot`, `aot_unpaired`) it gives cDPO, for `robust` the
+    label-flip rate, for `exo_pair` EXO's ε. Settings that cannot work raise a ValueError naming the field."""
 
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's DPO default)."})
-    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to the reference."})
     loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"], metadata={"help": f"One or more of {losses.DPO_LOSS_TYPES}."}
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"One or more of {losses.DPO_LOSS_TYPES}; several are added up with `loss_weights`."},
     )
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the loss types."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "ε for cDPO (sigmoid) and robust DPO."})
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per `loss_type` (MPO, for instance, weighs sigmoid, bco_pair and sft); "
+                  "default: 1 each."},
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LD-DPO's α in [0, 1]: weight of the tokens of the longer completion past the length of the "
+                  "shorter one, in both completions' log-probs (None or 1: plain sums; 0: only the shared length)."},
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": f"f-DPO's divergence to the reference, one of {losses.F_DIVERGENCE_TYPES}; other than "
+                  f"reverse_kl only with the loss types {losses.F_DIVERGENCE_LOSS_TYPES}."},
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "α of f_divergence_type='alpha_divergence'."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "ε: cDPO label smoothing (sigmoid, sigmoid_norm, aot*), robust DPO's label-flip rate in "
+                  "[0, 0.5), EXO's ε in (0, 1) (the paper suggests 1e-3)."},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "β: strength of the implicit KL to the reference (IPO's τ for loss_type='ipo')."},
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO: weigh each pair's loss by the policy's length-normalised probabilities of its two "
+                  "completions (one more forward pass without gradient per batch)."},
+    )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "τ > 0 of loss_type='discopop', the temperature of its blend."}
+    )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
     )
@@ -50,8 +88,30 @@ class DPOConfig(AlignConfig, PackingArguments):
             raise ValueError(f"Unknown loss_type {unknown}; hf_align implements {losses.DPO_LOSS_TYPES}.")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError("`loss_weights` needs one weight per `loss_type`.")
+        if self.f_divergence_type not in losses.F_DIVERGENCE_TYPES:
+            raise ValueError(f"f_divergence_type must be one of {losses.F_DIVERGENCE_TYPES}, got "
+                             f"{self.f_divergence_type!r}.")
+        without_f_form = [t for t in self.loss_type if t not in losses.F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence_type != "reverse_kl" and without_f_form:
+            raise ValueError(
+                f"f_divergence_type={self.f_divergence_type!r} applies only to the loss types built on the "
+                f"chosen-minus-rejected score, {losses.F_DIVERGENCE_LOSS_TYPES}; loss_type {without_f_form} needs "
+                "f_divergence_type='reverse_kl'."
+            )
         if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {self.label_smoothing}.")
+        if "exo_pair" in self.loss_type and not 0.0 < self.label_smoothing < 1.0:
+            raise ValueError(f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (EXO's ε; the paper suggests 1e-3), "
+                             f"got {self.label_smoothing}.")
+        if "discopop" in self.loss_type and self.discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be positive, got {self.discopop_tau}.")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1] (or None), got {self.ld_alpha}.")
+        sorting = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorting:
+            raise ValueError(f"use_weighting=True (WPO) weighs each pair, but loss_type {sorting} sorts the batch and "
+                             "loses the pairs: turn one of them off.")
+        self.check_reference_sync()
         super().__post_init__()
 
 
@@ -86,6 +146,7 @@ class DPOTrainer(AlignTrainer):
             optimizers, peft_config=peft_config, quantization_config=quantization_config,
         )
         self.setup_reference(ref_model, self.reference_logps)
+        self.reference_sync = ReferenceSync.attach(self)
 
     def prepare_dataset(self, dataset, name, args):
         dataset, self.dropped_rows[name] = preference.prepare_preference_dataset(
@@ -103,32 +164,66 @@ class DPOTrainer(AlignTrainer):
             args.prefix_sharing, args.padding_free,
         )
 
+    def pair_logps(self, logprobs: CompletionLogProbs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen and the rejected completions' log-probs, `[B]` each, from a batch's `[2B, ...]` token log-probs:
+        their sums, or with `ld_alpha` LD-DPO's (`losses.length_desensitized_logps`). The same for the policy and the
+        reference."""
+        if self.args.ld_alpha is None:
+            return logprobs.sum.chunk(2)
+        (chosen, rejected), (chosen_mask, rejected_mask) = logprobs.token_logps.chunk(2), logprobs.mask.chunk(2)
+        return losses.length_desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, self.args.ld_alpha)
+
     def reference_logps(self, batch) -> dict[str, torch.Tensor]:
-        """Summed completion log-probs of the batch under the reference, `{"ref_chosen_logps": [B], ...}`."""
+        """The batch's completion log-probs under the reference (`pair_logps`), `{"ref_chosen_logps": [B], ...}`."""
         with models.reference_model(self.model, self.ref_model) as reference:
-            logps = batch_logprobs(reference, batch).sum
-        chosen, rejected = logps.chunk(2)
+            chosen, rejected = self.pair_logps(batch_logprobs(reference, batch))
         return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy = batch_logprobs(model, inputs, with_stats=True)
-        chosen_logps, rejected_logps = policy.sum.chunk(2)
+        chosen_logps, rejected_logps = self.pair_logps(policy)
         reference = inputs if "ref_chosen_logps" in inputs else self.reference_logps(inputs)
         chosen_logratios = chosen_logps - reference["ref_chosen_logps"]
         rejected_logratios = rejected_logps - reference["ref_rejected_logps"]
-        chosen_lengths, rejected_lengths = policy.lengths.chunk(2)
-        weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
-        loss = sum(
-            weight * losses.dpo_loss(
-                loss_type, chosen_logratios, rejected_logratios, beta=self.args.beta,
-                label_smoothing=self.args.label_smoothing, chosen_lengths=chosen_lengths,
-                rejected_lengths=rejected_lengths,
-            ).mean()
-            for loss_type, weight in zip(self.args.loss_type, weights)
-        )
+        per_pair = self.pair_losses(policy, chosen_logratios, rejected_logratios, reference)
+        if self.args.use_weighting:
+            per_pair = per_pair * self.wpo_pair_weights(model, inputs, policy)
+        loss = per_pair.mean()
         self._record_preference_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
         self.record_tokens(batch_token_count(inputs))
         return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
+
+    def pair_losses(self, policy: CompletionLogProbs, chosen_logratios, rejected_logratios, reference) -> torch.Tensor:
+        """`Σ_k loss_weights[k] · loss_type[k]` per pair, `[B]` (`losses.dpo_loss`); TRL's loss is its batch mean."""
+        args = self.args
+        chosen_lengths, rejected_lengths = policy.lengths.chunk(2)
+        chosen_nll = None
+        if "sft" in args.loss_type:
+            chosen_nll = losses.masked_nll(policy.token_logps.chunk(2)[0], policy.mask.chunk(2)[0])
+        weights = args.loss_weights or [1.0] * len(args.loss_type)
+        return sum(
+            weight * losses.dpo_loss(
+                loss_type, chosen_logratios, rejected_logratios, beta=args.beta, label_smoothing=args.label_smoothing,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                reference_margins=reference["ref_chosen_logps"] - reference["ref_rejected_logps"],
+                chosen_nll=chosen_nll, f_divergence_type=args.f_divergence_type,
+                f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+            )
+            for loss_type, weight in zip(args.loss_type, weights)
+        )
+
+    @staticmethod
+    def wpo_pair_weights(model, inputs, policy: CompletionLogProbs) -> torch.Tensor:
+        """WPO's weight `w(yw) · w(yl)` of each pair, `[B]`, without gradient (`losses.wpo_weights`). Each token's
+        `log Σ_v π(v)²` is `2 logp(y_t) - logp_{T=1/2}(y_t)` (for logits z, `log softmax(2z)_y = 2 z_y - logsumexp(2z)`):
+        the chunked log-probs never hold a whole row of logits after the pass, so the temperature-1/2 ones take a second
+        forward pass."""
+        with torch.no_grad():
+            sharpened = batch_logprobs(model, inputs, temperature=0.5)
+        token_logps = policy.token_logps.detach()
+        weights = losses.wpo_weights(token_logps, 2 * token_logps - sharpened.token_logps, policy.mask)
+        chosen, rejected = weights.chunk(2)
+        return chosen * rejected
 
     def _record_preference_metrics(self, policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios):
         chosen_rewards = self.args.beta * chosen_logratios.detach()
@@ -147,4 +242,6 @@ class DPOTrainer(AlignTrainer):
         self.record_token_mean("mean_token_accuracy", policy.is_top1.chunk(2)[0].float(), chosen_mask)
 
     def card_hyperparameters(self) -> dict:
-        return {"beta": self.args.beta, "loss_type": self.args.loss_type, "label_smoothing": self.args.label_smoothing}
+        names = ("beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type", "use_weighting",
+                 "ld_alpha", "sync_ref_model")
+        return {name: getattr(self.args, name) for name in names}

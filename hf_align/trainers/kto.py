@@ -16,6 +16,7 @@ from .. import data, losses, models
 from .. import packing
 from ..config import AlignConfig, PackingArguments
 from ..logprobs import CompletionLogProbs
+from ..reference_sync import ReferenceSync, ReferenceSyncArguments
 from ..trainer import AlignTrainer
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ KTO_CITATION = """@article{ethayarajh2024kto,
 
 
 @dataclass
-class KTOConfig(AlignConfig, PackingArguments):
+class KTOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments):
     """Configuration of `KTOTrainer`; TRL's field names and defaults.
 
     `loss_type="kto"` estimates the reference point z0 from mismatched pairs built per batch by position, so it needs
@@ -58,6 +59,7 @@ class KTOConfig(AlignConfig, PackingArguments):
     def __post_init__(self):
         if self.loss_type not in KTO_LOSS_TYPES:
             raise ValueError(f"Unknown loss_type {self.loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+        self.check_reference_sync()
         super().__post_init__()
 
 
@@ -183,6 +185,7 @@ class KTOTrainer(AlignTrainer):
             optimizers, peft_config=peft_config, quantization_config=quantization_config,
         )
         self.setup_reference(ref_model, self.reference_logps)
+        self.reference_sync = ReferenceSync.attach(self)
 
     @property
     def uses_kl(self) -> bool:

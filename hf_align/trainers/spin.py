@@ -69,6 +69,9 @@ class SPINConfig(DPOConfig):
                 "SPIN always computes the reference log-probs itself, at the start of each round (the reference is "
                 "the policy then): leave `precompute_ref_log_probs` unset."
             )
+        if self.sync_ref_model:
+            raise ValueError("SPIN's reference is the policy at the start of each round (θt): leave `sync_ref_model` "
+                             "unset.")
         super().__post_init__()
 
     def sampling(self, seed: int, progress: bool = False) -> SamplingConfig:
@@ -182,10 +185,9 @@ class SPINTrainer(DPOTrainer):
 
     # -- log-probs -------------------------------------------------------------------------------------------------
     def policy_logps(self, batch) -> dict[str, torch.Tensor]:
-        """Summed log-probs of the batch's chosen and rejected completions under the current policy, no gradients."""
+        """The batch's chosen and rejected log-probs (`pair_logps`) under the current policy, no gradients."""
         with torch.no_grad():
-            logps = batch_logprobs(self.model, batch).sum
-        chosen, rejected = logps.chunk(2)
+            chosen, rejected = self.pair_logps(batch_logprobs(self.model, batch))
         return {"chosen_logps": chosen, "rejected_logps": rejected}
 
     def reference_logps(self, batch) -> dict[str, torch.Tensor]:

@@ -29,10 +29,9 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import torch
-import torch.nn.functional as F
 
 from . import data, models
-from .logprobs import last_hidden_state
+from .logprobs import scored_forward
 from .rewards import completion_text, loading_args
 
 logger = logging.getLogger(__name__)
@@ -467,26 +466,24 @@ class JudgeReward:
         """`P(Yes) / (P(Yes) + P(No))` `[N]` (float32, CPU) for each prompt and completion."""
         if len(prompts) != len(completions):
             raise ValueError(f"Got {len(prompts)} prompts and {len(completions)} completions: one of each per sample.")
-        causal_lm = models.unwrap_causal_lm(self.model)
-        head = causal_lm.get_output_embeddings()
-        answer_ids = torch.tensor(self.answer_ids, device=head.weight.device)
-        softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+        device = models.unwrap_causal_lm(self.model).get_input_embeddings().weight.device
+        answer_ids = torch.tensor(self.answer_ids, device=device)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             batch = slice(start, start + self.batch_size)
             rows = [torch.tensor(self.query_ids(p, c)) for p, c in zip(prompts[batch], completions[batch])]
-            lengths = torch.tensor([len(r) for r in rows], device=head.weight.device)
-            input_ids = data.pad(rows, self.tokenizer.pad_token_id).to(head.weight.device)
-            attention_mask = (torch.arange(input_ids.size(1), device=lengths.device) < lengths[:, None]).long()
+            lengths = torch.tensor([len(r) for r in rows], device=device)
+            input_ids = data.pad(rows, self.tokenizer.pad_token_id).to(device)
+            attention_mask = (torch.arange(input_ids.size(1), device=device) < lengths[:, None]).long()
+            # Each row's last position, scored for "Yes" then for "No": log-probs of the model's own logits
+            # (`scored_forward`), whose difference is logit_Yes - logit_No, the softmax's normaliser cancelling.
+            last = (torch.arange(len(rows), device=device).repeat(2), (lengths - 1).repeat(2))
+            targets = answer_ids.repeat_interleave(len(rows))
             with torch.inference_mode():
-                hidden = last_hidden_state(self.model, input_ids, attention_mask)
-                last = hidden[torch.arange(len(rows), device=lengths.device), lengths - 1]
-                logits = F.linear(last, head.weight[answer_ids],
-                                  head.bias[answer_ids] if head.bias is not None else None).float()
-                if softcap is not None:
-                    logits = torch.tanh(logits / softcap) * softcap
-                # P(Yes) / (P(Yes) + P(No)) = sigmoid(logit_Yes - logit_No): the softmax's normaliser cancels.
-                scores.append(torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu())
+                (logps,) = scored_forward(self.model, input_ids, attention_mask, None,
+                                          lambda hidden: (hidden[last], targets))
+            yes, no = logps.chunk(2)
+            scores.append(torch.sigmoid(yes - no).cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:

@@ -192,6 +192,21 @@ def test_judge_scores_are_probabilities_matching_a_manual_forward(judge):
     assert scores == pytest.approx(expected, abs=1e-5)  # batched and padded = one by one
 
 
+def test_judge_scores_a_model_that_scales_its_logits_by_its_own_logits(tiny_tokenizer):
+    """Granite divides its logits by `logits_scaling` after the LM head: the judge's probabilities are the model's."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=0.25,
+                           pad_token_id=tiny_tokenizer.pad_token_id)
+    judge = JudgeReward(GraniteForCausalLM(config).eval(), tiny_tokenizer, PRINCIPLES, batch_size=2)
+    prompts, completions = ["Question: What is 2 + 2?\nAnswer:"] * 3, [" 4", " four, surely", " 5"]
+    expected = [_manual_judge_score(judge, p, c) for p, c in zip(prompts, completions)]
+    assert judge(prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+    assert max(expected) - min(expected) > 1e-3  # scaled logits: the scores move
+
+
 def test_judge_reads_principles_and_conversations(judge, tiny_model, tiny_tokenizer):
     prompt = [{"role": "user", "content": "Say hi."}]
     query = tiny_tokenizer.decode(judge.query_ids(prompt, [{"role": "assistant", "content": "Hi!"}]))

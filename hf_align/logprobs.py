@@ -54,7 +54,7 @@ class CompletionLogProbs:
         return self.sum / self.lengths.clamp(min=1)
 
 
-def _chunk_logps(rows, targets, to_logits, temperature, with_stats):
+def _chunk_logps(rows, targets, to_logits, temperature, with_stats, entropy_grad):
     logits = to_logits(rows).float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -62,9 +62,9 @@ def _chunk_logps(rows, targets, to_logits, temperature, with_stats):
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     if not with_stats:
         return (logps,)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
         mean_logit = logits.mean(-1)
         is_top1 = logits.argmax(-1) == targets
     return logps, entropy, mean_logit, is_top1
@@ -82,13 +82,16 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_stats: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """`log softmax(to_logits(rows) / temperature)[targets]` for `rows` `[N, ...]`, `targets` `[N]`, chunk by chunk,
     in float32: `to_logits` maps `n` rows to their logits `[n, V]` (an LM head module on hidden states `[n, H]`,
     called as a module so a peft adapter on it applies and parameter-gathering hooks of ZeRO-3 fire), or is `None`
     when `rows` are logits `[N, V]` already (in the model's dtype).
 
-    Returns `(logps,)` or, with `with_stats`, `(logps, entropy, mean_logit, is_top1)`, each `[N]`."""
+    Returns `(logps,)` or, with `with_stats`, `(logps, entropy, mean_logit, is_top1)`, each `[N]`; only the log-probs
+    carry a gradient, and the entropy too with `entropy_grad` (an entropy bonus in the loss: it keeps each chunk's
+    probabilities for the backward pass)."""
     to_logits = to_logits or _identity
     # One chunk's logits are kept for the backward pass either way (recomputed there, or saved): only with several
     # does recomputing bound the memory, so a single chunk is not computed twice.
@@ -97,7 +100,7 @@ def token_logprobs(
     # `split`, not slicing: its backward writes the chunks' gradients into one `[N, ...]` tensor, where each slice's
     # backward would allocate (and add) a zero gradient of that size. No rows split into one empty chunk.
     for chunk, chunk_targets in zip(rows.split(chunk_size), targets.split(chunk_size)):
-        args = (chunk, chunk_targets, to_logits, temperature, with_stats)
+        args = (chunk, chunk_targets, to_logits, temperature, with_stats, entropy_grad)
         pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if recompute else _chunk_logps(*args))
     return tuple(torch.cat(parts) for parts in zip(*pieces))
 
@@ -311,7 +314,7 @@ def _own_logits_scored_forward(model, causal_lm, inputs: dict, select, **scoring
 
 def scored_forward(
     model, input_ids, attention_mask, position_ids, select, *, temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE, with_stats: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, with_stats: bool = False, entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Runs `model`'s forward and `token_logprobs` of the `(rows [N, ...], targets [N])` that `select` picks from a
     `[B, T, ...]` tensor by its first two dims (it must only index those), as log-probs of the model's own logits.
@@ -324,7 +327,8 @@ def scored_forward(
     own output logits at the selected positions (`_own_logits_scored_forward`), with a warning."""
     causal_lm = unwrap_causal_lm(model)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    scoring = {"temperature": temperature, "chunk_size": chunk_size, "with_stats": with_stats}
+    scoring = {"temperature": temperature, "chunk_size": chunk_size, "with_stats": with_stats,
+               "entropy_grad": entropy_grad}
     if causal_lm not in _FAST_PATHS:
         rows, positions, _ = _selected(select, input_ids)
         # Probed on the first call whatever it scores, so that every process runs the same forwards (those of a
@@ -354,6 +358,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_stats: bool = False,
+    entropy_grad: bool = False,
 ) -> CompletionLogProbs:
     """Log-probs of the tokens where `completion_mask` is 1 (`[B, T]` each), under `model`.
 
@@ -362,7 +367,7 @@ def completion_logprobs(
     results = scored_forward(
         model, input_ids, attention_mask, position_ids,
         lambda hidden: (hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask]),
-        temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
+        temperature=temperature, chunk_size=chunk_size, with_stats=with_stats, entropy_grad=entropy_grad,
     )
 
     def aligned(values: torch.Tensor) -> torch.Tensor:

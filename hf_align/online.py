@@ -332,14 +332,14 @@ class OnlineTrainer(AlignTrainer):
         return self.rollout_logprobs(model, rollout, batch_size=batch_size).token_logps
 
     def rollout_logprobs(self, model, rollout: dict, *, temperature: float | None = None, with_stats: bool = False,
-                         batch_size: int | None = None) -> CompletionLogProbs:
+                         entropy_grad: bool = False, batch_size: int | None = None) -> CompletionLogProbs:
         """`rollout.completion_token_logprobs` at the sampling temperature (unless given) with the Config's packing
         (`prefix_sharing`, `padding_free`)."""
         args = self.args
         return completion_token_logprobs(
             model, rollout, temperature=args.temperature if temperature is None else temperature,
-            with_stats=with_stats, batch_size=batch_size, prefix_sharing=args.prefix_sharing,
-            padding_free=args.padding_free,
+            with_stats=with_stats, entropy_grad=entropy_grad, batch_size=batch_size,
+            prefix_sharing=args.prefix_sharing, padding_free=args.padding_free,
         )
 
     def compute_advantages(self, rewards_per_func: torch.Tensor, rollout: dict) -> torch.Tensor:

@@ -155,6 +155,7 @@ def packed_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_stats: bool = False,
+    entropy_grad: bool = False,
 ) -> CompletionLogProbs:
     """Log-probs of the completion tokens of a packed batch (`[R, T]` each, see `pack_sequences`), returned per
     completion: `[num_completions, width]`, token `j` of completion `i` at `[i, j]`, masked where it is scored. Each
@@ -169,7 +170,7 @@ def packed_logprobs(
     results = scored_forward(
         model, input_ids, layout.attention_mask(causal_lm.dtype), layout.position_ids,
         lambda hidden: (hidden[rows[scored], predictor[scored]], input_ids[scored]),
-        temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
+        temperature=temperature, chunk_size=chunk_size, with_stats=with_stats, entropy_grad=entropy_grad,
     )
     index = (completion_index[scored], layout.offset[scored])
 

@@ -94,10 +94,10 @@ def sample_rollout(model, tokenizer, prompts: list, sampling: SamplingConfig, *,
 
 
 def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0, with_stats: bool = False,
-                              batch_size: int | None = None, prefix_sharing: bool = False,
+                              entropy_grad: bool = False, batch_size: int | None = None, prefix_sharing: bool = False,
                               padding_free: bool = False) -> CompletionLogProbs:
     """Per-token log-probs of the rollout's completions under `model`, aligned with `completion_ids` (`[N, C]`;
-    entropy etc. with `with_stats`), `batch_size` rows at a time (all at once when None). Sampling logits are divided
+    entropy etc. with `with_stats`, the entropy with its gradient with `entropy_grad`), `batch_size` rows at a time (all at once when None). Sampling logits are divided
     by `temperature`, so are these (TRL's convention).
 
     With `prefix_sharing`, the rows of a batch with the same prompt (a group's samples) are packed into one sequence
@@ -108,9 +108,10 @@ def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0,
     for start in range(0, rollout["completion_ids"].size(0), batch_size):
         part = {key: rollout[key][start : start + batch_size] for key in ROLLOUT_TOKENS}
         if prefix_sharing or padding_free:
-            pieces.append(_packed_rollout_logprobs(model, part, temperature, with_stats, prefix_sharing, padding_free))
+            pieces.append(_packed_rollout_logprobs(model, part, temperature, with_stats, entropy_grad, prefix_sharing,
+                                                   padding_free))
         else:
-            pieces.append(_rollout_row_logprobs(model, part, temperature, with_stats))
+            pieces.append(_rollout_row_logprobs(model, part, temperature, with_stats, entropy_grad))
     fields = ("token_logps", "mask", "entropy", "mean_logit", "is_top1") if with_stats else ("token_logps", "mask")
     return CompletionLogProbs(**{name: torch.cat([getattr(p, name) for p in pieces]) for name in fields})
 
@@ -118,20 +119,20 @@ def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0,
 ROLLOUT_TOKENS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 
-def _rollout_row_logprobs(model, rollout, temperature, with_stats) -> CompletionLogProbs:
+def _rollout_row_logprobs(model, rollout, temperature, with_stats, entropy_grad) -> CompletionLogProbs:
     """Each row `prompt + completion` on its own, with the position ids it was sampled with (left padding)."""
     input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
     attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
     score_mask = torch.cat([torch.zeros_like(rollout["prompt_mask"]), rollout["completion_mask"]], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = completion_logprobs(model, input_ids, attention_mask, score_mask, position_ids=position_ids,
-                              temperature=temperature, with_stats=with_stats)
+                              temperature=temperature, with_stats=with_stats, entropy_grad=entropy_grad)
     prompt_length = rollout["prompt_ids"].size(1)
     return CompletionLogProbs(**{name: None if value is None else value[:, prompt_length:]
                                  for name, value in vars(out).items()})
 
 
-def _packed_rollout_logprobs(model, rollout, temperature, with_stats, prefix_sharing,
+def _packed_rollout_logprobs(model, rollout, temperature, with_stats, entropy_grad, prefix_sharing,
                              padding_free) -> CompletionLogProbs:
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout["prompt_ids"], rollout["prompt_mask"])]
     completions = [
@@ -147,7 +148,7 @@ def _packed_rollout_logprobs(model, rollout, temperature, with_stats, prefix_sha
     return packed_logprobs(
         model, packed["input_ids"], packed["sequence_ids"], packed["completion_index"],
         num_completions=len(prompts), width=rollout["completion_ids"].size(1), temperature=temperature,
-        with_stats=with_stats,
+        with_stats=with_stats, entropy_grad=entropy_grad,
     )
 
 

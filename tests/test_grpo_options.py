@@ -30,10 +30,6 @@ from hf_align.trainers.rloo import RLOOConfig, RLOOTrainer
 REL, ABS = 2e-3, 1e-6
 FUNCS = [length_reward, answer_reward]
 NOT_COMPARED = {"step_time", "learning_rate", "epoch"}  # TRL's wall time; the schedule is the same by construction
-ENTROPY_GRADIENT = pytest.mark.xfail(
-    raises=NotImplementedError, strict=True,
-    reason="hf_align.logprobs returns the token entropy detached, and the entropy bonus needs its gradient",
-)
 
 
 def _relative_differences(ours: list[dict], theirs: list[dict]) -> dict[str, float]:
@@ -109,7 +105,6 @@ ENTROPY_OPTIONS = {
 }
 
 
-@ENTROPY_GRADIENT
 @pytest.mark.parametrize("option", list(ENTROPY_OPTIONS))
 def test_entropy_bonus_matches_trl(option, tiny_model_path, tiny_tokenizer, embedded_data, patch_hf_align_generation,
                                    tmp_path):

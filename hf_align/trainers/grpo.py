@@ -257,7 +257,7 @@ class GRPOTrainer(OnlineTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        policy = self.rollout_logprobs(model, inputs, with_stats=True)
+        policy = self.rollout_logprobs(model, inputs, with_stats=True, entropy_grad=args.uses_entropy_bonus)
         logps, mask = policy.token_logps, inputs["completion_mask"].float()
         old_logps = inputs.get("old_logps", logps.detach())
         log_weights = losses.log_importance_weights(logps, old_logps, mask, level=args.importance_sampling_level)
@@ -324,10 +324,6 @@ class GRPOTrainer(OnlineTrainer):
         training micro-batches feed the controller, which moves `c` at each optimizer step's last micro-batch."""
         args, control = self.args, self.entropy_control
         training = self.model.training
-        if training and not entropy.requires_grad:
-            raise NotImplementedError(
-                "entropy_coef / use_adaptive_entropy need the gradient of the entropy, and hf_align.logprobs returns "
-                "the entropy detached. Leave entropy_coef=0 and use_adaptive_entropy=False until it keeps the graph.")
         applied = control.coef
         if args.use_adaptive_entropy and control.last_step_entropy > args.entropy_target:
             applied = 0.0

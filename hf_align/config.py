@@ -159,7 +159,18 @@ class PackingArguments:
 
 
 @dataclass
-class TokenizerArguments:
+class PadTokenArguments:
+    """TRL's (deprecated) `pad_token` field (`models.prepare_tokenizer`)."""
+
+    pad_token: str | None = field(
+        default=None, metadata={"help": "The padding token instead of the tokenizer's (or its eos when it has none); "
+                                "it must be in the vocabulary. TRL deprecates it: setting `tokenizer.pad_token` "
+                                "does the same."}
+    )
+
+
+@dataclass
+class TokenizerArguments(PadTokenArguments):
     """TRL's fields that change the tokenizer (and the model's special tokens) before the data is tokenized
     (`models.apply_chat_template_and_eos`, `models.prepare_tokenizer`)."""
 
@@ -170,11 +181,6 @@ class TokenizerArguments:
     eos_token: str | None = field(
         default=None, metadata={"help": "The token that ends a sequence or a turn instead of the tokenizer's eos (it "
                                 "must be in the vocabulary); it becomes the model's eos too."}
-    )
-    pad_token: str | None = field(
-        default=None, metadata={"help": "The padding token instead of the tokenizer's (or its eos when it has none); "
-                                "it must be in the vocabulary. TRL deprecates it: setting `tokenizer.pad_token` "
-                                "does the same."}
     )
 
 
@@ -230,3 +236,14 @@ class VLLMImportanceSamplingArguments:
                                                                                     "ratio."})
     vllm_importance_sampling_cap: float | None = field(default=None, metadata={"help": "TRL's older name of the "
                                                                                "upper bound."})
+
+
+@dataclass
+class RouterAuxLossArguments:
+    """TRL's `router_aux_loss_coef`: the weight of a Mixture-of-Experts model's load-balancing loss."""
+
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of a Mixture-of-Experts model's load-balancing loss (None: the "
+                                "model config's; 0: off). hf_align does not add that loss yet: a model that computes "
+                                "it (output_router_logits) needs 0 here; a model without experts needs None or 0."}
+    )

@@ -86,6 +86,7 @@ class AlignTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
         model = self._load_model(model, args, quantization_config)
+        models.check_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
         if processing_class is None:
             processing_class = models.load_tokenizer(model, args)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)

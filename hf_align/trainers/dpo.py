@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import losses, models, preference
-from ..config import AlignConfig, PackingArguments
+from ..config import (
+    ActivationOffloadingArguments,
+    AlignConfig,
+    PackingArguments,
+    PadTokenArguments,
+    RouterAuxLossArguments,
+)
 from ..logprobs import CompletionLogProbs
 from ..packing import batch_logprobs, batch_token_count
 from ..preference import DataCollatorForPreference
@@ -27,7 +33,8 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 
 
 @dataclass
-class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments):
+class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, PadTokenArguments, ActivationOffloadingArguments,
+                RouterAuxLossArguments):
     """Configuration of `DPOTrainer`; TRL's field names and defaults.
 
     `loss_type` is one of `losses.DPO_LOSS_TYPES` or a list of them, combined with `loss_weights`.
@@ -78,7 +85,10 @@ class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments):
         default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
     )
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple."})
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this ('auto': none; TRL pads to 128 "
+                                  "on AWS Neuron only)."}
+    )
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):

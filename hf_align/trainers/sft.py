@@ -13,7 +13,7 @@ from trl.chat_template_utils import has_generation_markers
 from trl.data_utils import pack_dataset
 
 from .. import data, losses
-from ..config import ActivationOffloadingArguments, AlignConfig, TokenizerArguments
+from ..config import ActivationOffloadingArguments, AlignConfig, RouterAuxLossArguments, TokenizerArguments
 from ..logprobs import completion_logprobs
 from ..trainer import AlignTrainer
 
@@ -23,7 +23,7 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
 @dataclass
-class SFTConfig(AlignConfig, TokenizerArguments, ActivationOffloadingArguments):
+class SFTConfig(AlignConfig, TokenizerArguments, ActivationOffloadingArguments, RouterAuxLossArguments):
     """Configuration of `SFTTrainer`; TRL's field names and defaults.
 
     Which tokens are trained: for prompt-completion data the completion only (`completion_only_loss`, on unless set

@@ -243,7 +243,7 @@ class RouterAuxLossArguments:
     """TRL's `router_aux_loss_coef`: the weight of a Mixture-of-Experts model's load-balancing loss."""
 
     router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of a Mixture-of-Experts model's load-balancing loss (None: the "
-                                "model config's; 0: off). hf_align does not add that loss yet: a model that computes "
-                                "it (output_router_logits) needs 0 here; a model without experts needs None or 0."}
+        default=None, metadata={"help": "Weight of a Mixture-of-Experts model's load-balancing loss, added to the "
+                                "training loss (None: the model config's weight; 0: off). An error on a model "
+                                "without experts."}
     )

@@ -15,7 +15,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import torch
@@ -40,10 +40,19 @@ class CompletionLogProbs:
     entropy: torch.Tensor | None = None  # [B, T]
     mean_logit: torch.Tensor | None = None  # [B, T]
     is_top1: torch.Tensor | None = None  # [B, T] bool
+    # The load-balancing loss of a Mixture-of-Experts model from this forward (scalar, with its gradient), when the
+    # model's config asks for it (`output_router_logits`, see `models.router_aux_loss_weight`).
+    aux_loss: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
+
+    def map_tokens(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CompletionLogProbs:
+        """The same log-probs with `fn` applied to each per-token tensor (e.g. a slice of rows or positions); the
+        forward's `aux_loss` is kept as it is."""
+        per_token = (field.name for field in fields(self) if field.name != "aux_loss")
+        return replace(self, **{name: fn(getattr(self, name)) for name in per_token if getattr(self, name) is not None})
 
     @property
     def sum(self) -> torch.Tensor:
@@ -52,6 +61,15 @@ class CompletionLogProbs:
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.lengths.clamp(min=1)
+
+
+@dataclass
+class ScoredForward:
+    """What `scored_forward` returns: `token_logprobs`' tensors, and the forward's `aux_loss` (see
+    `CompletionLogProbs.aux_loss`)."""
+
+    values: tuple[torch.Tensor, ...]
+    aux_loss: torch.Tensor | None
 
 
 def _chunk_logps(rows, targets, to_logits, temperature, with_stats, entropy_grad):
@@ -260,13 +278,13 @@ def _expose(results: dict):
     def hook(_module, _args, output):
         if hasattr(output, "hidden_states"):
             output.hidden_states = results["logps"]
+        results["aux_loss"] = getattr(output, "aux_loss", None)
         return output
 
     return hook
 
 
-def _head_scored_forward(model, causal_lm, fast_path: _FastPath, inputs: dict, select,
-                         **scoring) -> tuple[torch.Tensor, ...]:
+def _head_scored_forward(model, causal_lm, fast_path: _FastPath, inputs: dict, select, **scoring) -> ScoredForward:
     """The fast path: `token_logprobs` of the hidden states `[N, H]` `select` picks from the decoder's last hidden
     state, through the LM head and `fast_path`'s soft cap, inside the forward (the model's own head runs on its last
     position only)."""
@@ -279,7 +297,7 @@ def _head_scored_forward(model, causal_lm, fast_path: _FastPath, inputs: dict, s
 
     with _forward_hooks((_decoder(causal_lm), score), (causal_lm, _expose(results))):
         model(**_forward_kwargs(causal_lm, **inputs))
-    return results["logps"]
+    return ScoredForward(results["logps"], results["aux_loss"])
 
 
 def _selected(select, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,7 +308,7 @@ def _selected(select, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return flat_index.div(length, rounding_mode="floor"), flat_index % length, targets
 
 
-def _own_logits_scored_forward(model, causal_lm, inputs: dict, select, **scoring) -> tuple[torch.Tensor, ...]:
+def _own_logits_scored_forward(model, causal_lm, inputs: dict, select, **scoring) -> ScoredForward:
     """The own-logits path: `token_logprobs` of the rows `select` picks from the model's own output logits (whatever
     its forward does after the LM head). The model computes logits only at the positions some row needs,
     `[B, K, V]` in its dtype (all `T` positions where its forward has no `logits_to_keep`); the `N` selected rows are
@@ -309,15 +327,16 @@ def _own_logits_scored_forward(model, causal_lm, inputs: dict, select, **scoring
     with _forward_hooks((causal_lm, score), (causal_lm, _expose(results))):
         # An empty `kept` (nothing to score) would ask for no positions at all, which not every model takes.
         model(**_forward_kwargs(causal_lm, **inputs, logits_to_keep=kept if kept.numel() else 1))
-    return results["logps"]
+    return ScoredForward(results["logps"], results["aux_loss"])
 
 
 def scored_forward(
     model, input_ids, attention_mask, position_ids, select, *, temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE, with_stats: bool = False, entropy_grad: bool = False,
-) -> tuple[torch.Tensor, ...]:
+) -> ScoredForward:
     """Runs `model`'s forward and `token_logprobs` of the `(rows [N, ...], targets [N])` that `select` picks from a
-    `[B, T, ...]` tensor by its first two dims (it must only index those), as log-probs of the model's own logits.
+    `[B, T, ...]` tensor by its first two dims (it must only index those), as log-probs of the model's own logits;
+    with the forward's load-balancing loss where the model computes one.
 
     Fast path: `select` picks hidden states `[N, H]` from the decoder's last hidden state, which go through the
     model's LM head (and final soft cap) chunk by chunk inside the forward: where a wrapper shards the parameters
@@ -364,7 +383,7 @@ def completion_logprobs(
 
     Only those positions go through the LM head. Position 0 is never scored (nothing predicts it)."""
     target_mask = completion_mask[:, 1:].bool()
-    results = scored_forward(
+    scored = scored_forward(
         model, input_ids, attention_mask, position_ids,
         lambda hidden: (hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask]),
         temperature=temperature, chunk_size=chunk_size, with_stats=with_stats, entropy_grad=entropy_grad,
@@ -376,6 +395,7 @@ def completion_logprobs(
 
     mask = F.pad(target_mask, (1, 0)).float()
     if not with_stats:
-        return CompletionLogProbs(aligned(results[0]), mask)
-    logps, entropy, mean_logit, is_top1 = results
-    return CompletionLogProbs(aligned(logps), mask, aligned(entropy), aligned(mean_logit), aligned(is_top1))
+        return CompletionLogProbs(aligned(scored.values[0]), mask, aux_loss=scored.aux_loss)
+    logps, entropy, mean_logit, is_top1 = scored.values
+    return CompletionLogProbs(aligned(logps), mask, aligned(entropy), aligned(mean_logit), aligned(is_top1),
+                              aux_loss=scored.aux_loss)

@@ -93,24 +93,22 @@ def apply_chat_template_and_eos(model: PreTrainedModel, tokenizer, chat_template
     return model, added_tokens
 
 
-def check_router_aux_loss(model: PreTrainedModel, coef: float | None) -> None:
-    """TRL's `router_aux_loss_coef` on `model`: with 0 a Mixture-of-Experts model trains without its load-balancing
-    loss (its config stops asking for router logits, as TRL does). Refused where it cannot act as in TRL: set on a
-    model without experts (TRL fails there too), or a non-zero weight (the config's own when None, as TRL takes it),
-    since hf_align's log-prob path does not add that loss yet and TRL would."""
+def router_aux_loss_weight(model: PreTrainedModel, coef: float | None) -> float:
+    """The weight of a Mixture-of-Experts model's load-balancing loss under TRL's `router_aux_loss_coef` (`coef`;
+    None: the model config's own), 0 for a model without experts. As TRL, the model's config is set to compute the
+    loss in its forward exactly when the weight is not 0 (`CompletionLogProbs.aux_loss`); `coef` set on a model
+    without experts is an error, as in TRL."""
     config = unwrap_causal_lm(model).config.get_text_config()
-    is_moe = hasattr(config, "output_router_logits")
-    if coef not in (None, 0.0) and not is_moe:
-        raise ValueError(f"`router_aux_loss_coef={coef}` weights a Mixture-of-Experts load-balancing loss, and "
-                         f"{type(unwrap_causal_lm(model)).__name__} has no experts: leave it None.")
-    if not is_moe:
-        return
+    if not hasattr(config, "output_router_logits"):
+        if coef not in (None, 0.0):
+            raise ValueError(f"`router_aux_loss_coef={coef}` weights a Mixture-of-Experts load-balancing loss, and "
+                             f"{type(unwrap_causal_lm(model)).__name__} has no experts: leave it None.")
+        return 0.0
     weight = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if weight:
-        raise ValueError(f"{type(unwrap_causal_lm(model)).__name__} has a load-balancing loss (weight {weight}) that "
-                         "TRL adds to the training loss and hf_align does not add yet: set "
-                         "`router_aux_loss_coef=0.0` to train without it.")
-    config.output_router_logits = False
+    config.output_router_logits = weight != 0.0
+    if hasattr(config, "router_aux_loss_coef"):
+        config.router_aux_loss_coef = weight
+    return weight
 
 
 def prepare_tokenizer(tokenizer, model: PreTrainedModel, pad_token: str | None = None):

@@ -167,7 +167,7 @@ def packed_logprobs(
     layout = PackedLayout(sequence_ids, completion_index)
     predictor, scored = layout.predictors()
     rows = torch.arange(input_ids.size(0), device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-    results = scored_forward(
+    forward = scored_forward(
         model, input_ids, layout.attention_mask(causal_lm.dtype), layout.position_ids,
         lambda hidden: (hidden[rows[scored], predictor[scored]], input_ids[scored]),
         temperature=temperature, chunk_size=chunk_size, with_stats=with_stats, entropy_grad=entropy_grad,
@@ -177,8 +177,9 @@ def packed_logprobs(
     def per_completion(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(num_completions, width).index_put(index, values)
 
-    mask = per_completion(torch.ones_like(results[0]))
-    return CompletionLogProbs(per_completion(results[0]), mask, *(per_completion(values) for values in results[1:]))
+    logps, *stats = forward.values
+    return CompletionLogProbs(per_completion(logps), per_completion(torch.ones_like(logps)),
+                              *(per_completion(values) for values in stats), aux_loss=forward.aux_loss)
 
 
 def batch_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -128,8 +128,7 @@ def _rollout_row_logprobs(model, rollout, temperature, with_stats, entropy_grad)
     out = completion_logprobs(model, input_ids, attention_mask, score_mask, position_ids=position_ids,
                               temperature=temperature, with_stats=with_stats, entropy_grad=entropy_grad)
     prompt_length = rollout["prompt_ids"].size(1)
-    return CompletionLogProbs(**{name: None if value is None else value[:, prompt_length:]
-                                 for name, value in vars(out).items()})
+    return out.map_tokens(lambda values: values[:, prompt_length:])
 
 
 def _packed_rollout_logprobs(model, rollout, temperature, with_stats, entropy_grad, prefix_sharing,

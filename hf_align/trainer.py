@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoints, defaults, distributed, models
 from .checkpoints import TRAINING_STATE_NAME
-from .config import AlignConfig
+from .config import AlignConfig, PackingArguments
 from .data import DataError
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,14 @@ class AlignTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
         model = self._load_model(model, args, quantization_config)
-        models.check_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
+        # Only the trainers whose Config has TRL's field add the load-balancing loss (`add_router_aux_loss`).
+        self.router_aux_loss_weight = (models.router_aux_loss_weight(model, args.router_aux_loss_coef)
+                                       if hasattr(args, "router_aux_loss_coef") else 0.0)
+        if self.router_aux_loss_weight and isinstance(args, PackingArguments) and (
+                args.prefix_sharing or args.padding_free):
+            raise ValueError("A Mixture-of-Experts load-balancing loss is computed over a batch's rows, which packed "
+                             "rows (prefix_sharing / padding_free) do not have: turn those off, or set "
+                             "`router_aux_loss_coef=0.0`.")
         if processing_class is None:
             processing_class = models.load_tokenizer(model, args)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -184,6 +191,14 @@ class AlignTrainer(Trainer):
     def record_value(self, name: str, value: float) -> None:
         """Records a number computed from values already gathered from every process (the same on each)."""
         self._metrics[self.mode][name].append(float(value))
+
+    def add_router_aux_loss(self, loss: torch.Tensor, policy, scale: float = 1.0) -> torch.Tensor:
+        """`loss` plus the weighted load-balancing loss of the policy's forward (`policy`: its `CompletionLogProbs`)
+        times `scale`, logged as `aux_loss` (TRL's metric); `loss` itself for a model without one."""
+        if not self.router_aux_loss_weight:
+            return loss
+        self.record_metric("aux_loss", policy.aux_loss.detach())
+        return loss + self.router_aux_loss_weight * scale * policy.aux_loss
 
     def record_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Records `sum(values * mask) / sum(mask)` over every process (a token-weighted mean)."""

@@ -481,7 +481,7 @@ class JudgeReward:
             targets = answer_ids.repeat_interleave(len(rows))
             with torch.inference_mode():
                 (logps,) = scored_forward(self.model, input_ids, attention_mask, None,
-                                          lambda hidden: (hidden[last], targets))
+                                          lambda hidden: (hidden[last], targets)).values
             yes, no = logps.chunk(2)
             scores.append(torch.sigmoid(yes - no).cpu())
         return torch.cat(scores) if scores else torch.zeros(0)

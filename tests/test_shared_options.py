@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+import hf_align
 from hf_align import DPOConfig, DPOTrainer, KTOConfig, RewardConfig, SFTConfig, SFTTrainer
 
 COMMON = dict(report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, max_steps=2,
@@ -23,24 +24,44 @@ def _mixtral(tokenizer) -> MixtralForCausalLM:
     return MixtralForCausalLM(config)
 
 
-def test_router_aux_loss_coef_zero_trains_a_mixture_of_experts_without_it(tiny_tokenizer, embedded_data, tmp_path):
-    model = _mixtral(tiny_tokenizer)
-    model.config.output_router_logits = True
-    args = SFTConfig(output_dir=str(tmp_path), router_aux_loss_coef=0.0, **COMMON)
-    trainer = SFTTrainer(model, args=args, train_dataset=embedded_data("sft", 8), processing_class=tiny_tokenizer)
-    assert trainer.model.config.output_router_logits is False  # as TRL: the model stops computing the loss
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 2 and losses[1] < losses[0]
+def _mixtral_path(tokenizer, folder) -> str:
+    model = _mixtral(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
-@pytest.mark.parametrize("coef", [None, 0.02])
-def test_a_load_balancing_loss_hf_align_would_not_add_is_refused(coef, tiny_tokenizer, embedded_data, tmp_path):
-    """TRL adds the load-balancing loss (the config's weight when the field is None); hf_align does not yet, so it
-    says so instead of training something else."""
-    args = SFTConfig(output_dir=str(tmp_path), router_aux_loss_coef=coef, **COMMON)
-    with pytest.raises(ValueError, match="router_aux_loss_coef=0.0"):
-        SFTTrainer(_mixtral(tiny_tokenizer), args=args, train_dataset=embedded_data("sft", 8),
+@pytest.mark.parametrize("trainer_name, dataset", [("SFT", "sft"), ("DPO", "preference"),
+                                                   ("KTO", "unpaired_preference")])
+@pytest.mark.parametrize("coef", [None, 0.5, 0.0])
+def test_router_aux_loss_trains_like_trl(trainer_name, dataset, coef, tiny_tokenizer, embedded_data, tmp_path):
+    """A Mixture-of-Experts model: the load-balancing loss is added with the config's weight (None), a given one,
+    or not at all (0), and the losses and `aux_loss` logged over two steps are TRL's."""
+    trl = pytest.importorskip("trl")
+    path = _mixtral_path(tiny_tokenizer, tmp_path / "mixtral")
+    rows = embedded_data(dataset, 8)
+    options = dict(COMMON, router_aux_loss_coef=coef, bf16=False, seed=0)
+    logs = []
+    for module in (trl, hf_align):
+        config = getattr(module, f"{trainer_name}Config")(output_dir=str(tmp_path / module.__name__), **options,
+                                                          **({} if module is hf_align else
+                                                             {"gradient_checkpointing": False}))
+        trainer = getattr(module, f"{trainer_name}Trainer")(path, args=config, train_dataset=rows,
+                                                            processing_class=tiny_tokenizer)
+        trainer.train()
+        logs.append([entry for entry in trainer.state.log_history if "loss" in entry])
+    ours, theirs = logs[1], logs[0]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
+        assert ("aux_loss" in a) == ("aux_loss" in b) == (coef != 0.0)
+        if "aux_loss" in b:
+            assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=2e-3) and a["aux_loss"] > 0
+
+
+def test_router_aux_loss_with_packed_rows_is_refused(tiny_tokenizer, embedded_data, tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), router_aux_loss_coef=0.5, prefix_sharing=True, **COMMON)
+    with pytest.raises(ValueError, match="packed rows"):
+        DPOTrainer(_mixtral(tiny_tokenizer), args=args, train_dataset=embedded_data("preference", 8),
                    processing_class=tiny_tokenizer)
 
 

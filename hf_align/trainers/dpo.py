@@ -198,7 +198,7 @@ class DPOTrainer(AlignTrainer):
         per_pair = self.pair_losses(policy, chosen_logratios, rejected_logratios, reference)
         if self.args.use_weighting:
             per_pair = per_pair * self.wpo_pair_weights(model, inputs, policy)
-        loss = per_pair.mean()
+        loss = self.add_router_aux_loss(per_pair.mean(), policy)
         self._record_preference_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
         self.record_tokens(batch_token_count(inputs))
         return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss

@@ -281,8 +281,7 @@ class KTOTrainer(AlignTrainer):
         if "completion_index" in batch:
             scored = packing.batch_logprobs(model, batch, with_stats=with_stats)
             rows = len(batch["label"])
-            completions = CompletionLogProbs(**{name: None if value is None else value[:rows]
-                                                for name, value in vars(scored).items()})
+            completions = scored.map_tokens(lambda values: values[:rows])
             return completions, scored.sum[rows:].detach() if len(scored.sum) > rows else None
         completions = packing.batch_logprobs(model, batch, with_stats=with_stats)
         if "KL_input_ids" not in batch:
@@ -310,6 +309,7 @@ class KTOTrainer(AlignTrainer):
             logratios, desirable, z0, beta=self.args.beta, desirable_weight=self.args.desirable_weight,
             undesirable_weight=self.args.undesirable_weight,
         ).mean()
+        loss = self.add_router_aux_loss(loss, policy)
         self._record_kto_metrics(policy, logratios, desirable, z0)
         self.record_tokens(packing.batch_token_count(inputs, num_completions=len(desirable)))
         return (loss, {"logps": policy.sum}) if return_outputs else loss

@@ -329,6 +329,11 @@ class SFTTrainer(AlignTrainer):
             loss = token_loss(policy.token_logps, policy.mask, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
+        if self.compute_loss_func is None:  # TRL leaves the load-balancing loss to a user's loss function
+            # A per-micro-batch mean: where Trainer leaves gradient accumulation to the loss (`num_items_in_batch`),
+            # it is averaged over the accumulation steps here (TRL's rule).
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = self.add_router_aux_loss(loss, policy, scale=1 / steps)
         self.record_token_mean("entropy", policy.entropy, policy.mask)
         self.record_token_mean("mean_token_accuracy", policy.is_top1.float(), policy.mask)
         self.record_tokens(attention_mask if attention_mask is not None else torch.ones_like(inputs["input_ids"]))

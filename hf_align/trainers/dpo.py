@@ -33,8 +33,8 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 
 
 @dataclass
-class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, PadTokenArguments, ActivationOffloadingArguments,
-                RouterAuxLossArguments):
+class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, PadTokenArguments,
+                ActivationOffloadingArguments, RouterAuxLossArguments):
     """Configuration of `DPOTrainer`; TRL's field names and defaults.
 
     `loss_type` is one of `losses.DPO_LOSS_TYPES` or a list of them, combined with `loss_weights`.

@@ -82,8 +82,8 @@ class AlignConfig(TrainingArguments):
         pad_multiple = getattr(self, "pad_to_multiple_of", None)
         if pad_multiple == "auto":  # TRL's default: a multiple of 128 on AWS Neuron only, no padding elsewhere
             self.pad_to_multiple_of = None
-        elif isinstance(pad_multiple, str):  # from a command line or YAML
-            self.pad_to_multiple_of = int(pad_multiple)
+        elif isinstance(pad_multiple, str):  # from a command line or YAML, where TRL reads "none" / "null" as None
+            self.pad_to_multiple_of = None if pad_multiple.lower() in ("none", "null") else int(pad_multiple)
         self._resolve_precision()
         self._resolve_cpu_deepspeed_backend()
         if getattr(self, "use_vllm", False):

@@ -4,7 +4,7 @@ A frozen model (reference, reward model) is placed as the run places the policy:
 inference engine (ZeRO-3 keeps its parameters partitioned across processes; ZeRO-1/2 keep a full copy on each
 device, so the engine runs at stage 0); under FSDP it is sharded like the policy; otherwise it moves to the process's
 device (with the run's mixed-precision autocast). Generation needs every parameter of the policy at once:
-`gathered_for_generation` gathers them under ZeRO-3 and FSDP (v1) for the duration of the call.
+`gathered_for_generation` gathers them under ZeRO-3 (unless told not to) and FSDP (v1) for the duration of the call.
 
 `deepspeed` is imported only on the DeepSpeed paths: it is an optional dependency.
 """
@@ -72,14 +72,16 @@ def prepare_frozen_model(accelerator, model: torch.nn.Module) -> torch.nn.Module
 
 
 @contextmanager
-def gathered_for_generation(accelerator, model: torch.nn.Module):
+def gathered_for_generation(accelerator, model: torch.nn.Module, gather_zero3_parameters: bool = True):
     """Yields the module to call `generate` on for `model` (the policy, possibly wrapped), without its DDP / compile
     wrappers. Under ZeRO-3 its parameters are gathered on every process for the duration (a partitioned model with no
     ZeRO hooks yet, e.g. before `train()`, cannot run otherwise; ZeRO's hooks, left in place, may partition a layer
-    again after it runs and gather it at its next call). Under FSDP v1 the root's own parameters (embeddings, head)
-    are summoned: each wrapped layer gathers its own as it runs, and FSDP v2 modules gather theirs in their forward
-    hooks. Otherwise nothing is gathered."""
-    if zero_stage(accelerator) == 3:
+    again after it runs and gather it at its next call). `gather_zero3_parameters=False` (TRL's
+    `ds3_gather_for_generation=False`) gathers nothing: ZeRO's hooks then gather each layer as it runs, slower, but
+    the whole model never has to fit on one device. Under FSDP v1 the root's own parameters (embeddings, head) are
+    summoned: each wrapped layer gathers its own as it runs, and FSDP v2 modules gather theirs in their forward hooks.
+    Otherwise nothing is gathered."""
+    if zero_stage(accelerator) == 3 and gather_zero3_parameters:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):

@@ -3,9 +3,11 @@ online trainers).
 
 `generate_completions` renders the prompts as TRL does (a string goes through the tokenizer; a message list through
 the chat template with the generation prompt), left-pads them into batches, and runs Hugging Face `generate` with
-the KV cache on the model inside any DDP / compile wrapper (a peft model generates with its adapter active). The
-model is in eval mode while it generates and back in its previous mode afterwards. Each completion is cut after its
-first stop token (the tokenizer's eos and every `eos_token_id` of the model's generation config, e.g. `<|im_end|>`).
+the KV cache on the model inside any DDP / compile wrapper (a peft model generates with its adapter active), or
+transformers' continuous batching (`generate_batch`, a paged KV cache filled with every prompt at once) with
+`continuous_batching=True`. The model is in eval mode while it generates and back in its previous mode afterwards.
+Each completion is cut after its first stop token (the tokenizer's eos and every `eos_token_id` of the model's
+generation config, e.g. `<|im_end|>`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ class SamplingConfig:
     `generation_kwargs` go to `transformers.GenerationConfig` last, overriding the settings above (TRL's
     `generation_kwargs`). `batch_size` counts sequences (prompts × `num_generations`) per `generate` call;
     `pad_to_multiple_of` left-pads each call's prompts to a multiple of that many tokens (fewer distinct shapes for a
-    compiled model). With `seed`, sampling is reproducible and leaves the global random state as it was."""
+    compiled model). With `seed`, sampling is reproducible and leaves the global random state as it was.
+    `chat_template_kwargs` go to the chat template that renders message-list prompts (e.g. `enable_thinking`).
+
+    `continuous_batching` samples through transformers' continuous batching (`generate_batch`) in one call for all
+    rows instead of `generate` in batches: `continuous_batching_config` holds `ContinuousBatchingConfig` arguments
+    (`max_memory_percent` 0.5 unless given, leaving memory for training, as TRL does; on a CPU, where the cache is
+    otherwise sized from the machine's RAM, give `num_blocks` and `max_batch_tokens`). It feeds a logits processor
+    only the newest token, so of the sampling settings it honours those that read the scores alone (temperature,
+    top_p, top_k, min_p and the `generation_kwargs` in `CONTINUOUS_BATCHING_KWARGS`); any other setting raises. It
+    never pads prompts (`pad_to_multiple_of` does not apply) and ignores `batch_size`."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -45,6 +56,9 @@ class SamplingConfig:
     batch_size: int = 32
     seed: int | None = None
     progress: bool = False  # a progress bar over the `generate` calls (long generations, e.g. SPIN's rounds)
+    chat_template_kwargs: dict | None = None
+    continuous_batching: bool = False
+    continuous_batching_config: dict | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -66,6 +80,41 @@ class SamplingConfig:
             raise ValueError("generation_kwargs cannot set num_return_sequences or return_dict_in_generate: each row "
                              "gets one completion (num_generations sets how many per prompt).")
         check_cache_implementation(extra.get("cache_implementation", self.cache_implementation))
+        if self.continuous_batching:
+            self._check_continuous_batching()
+        elif self.continuous_batching_config is not None:
+            raise ValueError("continuous_batching_config configures continuous batching: it needs "
+                             "continuous_batching=True (use_transformers_continuous_batching in a Config).")
+
+    def _check_continuous_batching(self) -> None:
+        try:
+            from transformers.generation import ContinuousBatchingConfig
+        except ImportError:
+            raise ValueError("Continuous batching (use_transformers_continuous_batching) needs transformers>=5.8, "
+                             "which has `generate_batch`.") from None
+        unhonoured = sorted(set(self.generation_kwargs or {}) - set(CONTINUOUS_BATCHING_KWARGS))
+        if self.repetition_penalty != 1:
+            unhonoured.insert(0, "repetition_penalty")
+        if self.cache_implementation not in (None, "paged"):
+            unhonoured.insert(0, "cache_implementation")
+        if unhonoured:
+            raise ValueError(
+                f"Continuous batching (use_transformers_continuous_batching) cannot honour {unhonoured}: it gives a "
+                "logits processor only the newest token, not the completion so far, and keeps its own paged KV "
+                f"cache. It honours temperature, top_p, top_k, min_p and the generation_kwargs "
+                f"{list(CONTINUOUS_BATCHING_KWARGS)}. Leave these unset or sample with `generate`.")
+        try:
+            ContinuousBatchingConfig(**(self.continuous_batching_config or {}))
+        except TypeError as error:
+            raise ValueError(f"transformers_continuous_batching_config is not a set of ContinuousBatchingConfig "
+                             f"arguments: {error}") from None
+
+
+# The `GenerationConfig` arguments continuous batching honours: stopping, and logits processors that read the scores
+# alone (it gives a processor the newest token only, so one that reads the completion so far would act wrongly).
+CONTINUOUS_BATCHING_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p",
+                              "epsilon_cutoff", "eta_cutoff", "suppress_tokens", "eos_token_id", "pad_token_id",
+                              "use_cache")
 
 
 def _installed(module: str) -> bool:
@@ -108,12 +157,13 @@ class Completions:
         return self.completion_mask.sum(-1)
 
 
-def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
     """Token ids of each prompt as the model sees it before its completion: strings through the tokenizer, message
-    lists through the chat template with the generation prompt (TRL's rendering)."""
+    lists through the chat template with the generation prompt and `chat_template_kwargs` (TRL's rendering)."""
     prompts = list(prompts)
     if data.is_conversational_row({"prompt": prompts[0]}, ["prompt"]):
-        rendered = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)
+        rendered = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                 **(chat_template_kwargs or {}))
         return [list(ids) for ids in rendered["input_ids"]]
     return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
 
@@ -162,11 +212,45 @@ def _left_pad(rows: list[list[int]], pad_token_id: int, device,
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_after_stop(generated: torch.Tensor, stop_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each row of `generated` `[B, L]` up to and including its first stop token (the whole row if it has none)."""
-    is_stop = torch.isin(generated, stop_ids)
-    lengths = torch.where(is_stop.any(-1), is_stop.int().argmax(-1) + 1, generated.size(1))
-    return [row[:length] for row, length in zip(generated, lengths.tolist())]
+def _cut_after_stop(generated, stop_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of `generated` (`[B, L]`, or 1-D rows of any lengths) up to and including its first stop token (the
+    whole row if it has none)."""
+    cut = []
+    for row in generated:
+        stops = torch.isin(row, stop_ids).nonzero()
+        cut.append(row[: int(stops[0]) + 1] if len(stops) else row)
+    return cut
+
+
+def _generate_in_batches(generator, rows: list[list[int]], config: GenerationConfig, sampling: SamplingConfig,
+                         pad_token_id: int, device) -> list[torch.Tensor]:
+    """`generate` on `sampling.batch_size` left-padded rows at a time; the generated tokens of each row."""
+    generated = []
+    starts = range(0, len(rows), sampling.batch_size)
+    for start in tqdm(starts, desc="Generating", disable=not sampling.progress or len(starts) < 2):
+        input_ids, attention_mask = _left_pad(rows[start : start + sampling.batch_size], pad_token_id, device,
+                                              sampling.pad_to_multiple_of)
+        output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        generated.extend(output[:, input_ids.size(1) :].cpu())
+    return generated
+
+
+def _generate_continuously(generator, rows: list[list[int]], config: GenerationConfig,
+                           sampling: SamplingConfig) -> list[torch.Tensor]:
+    """transformers' continuous batching on every row at once; the generated tokens of each row. `generate_batch`
+    logs a failed or lost request and carries on: that is an error here (a row with no completion)."""
+    from transformers.generation import ContinuousBatchingConfig
+
+    options = {"max_memory_percent": 0.5, **(sampling.continuous_batching_config or {})}
+    outputs = list(generator.generate_batch(
+        inputs=rows, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(**options),
+        progress_bar=sampling.progress,
+    ).values())
+    failed = [output.error for output in outputs if output.error is not None]
+    if len(outputs) != len(rows) or failed:
+        raise RuntimeError(f"Continuous batching returned {len(outputs) - len(failed)} completions for {len(rows)} "
+                           f"prompts{f' (errors: {failed[:3]})' if failed else ''}; transformers logged the cause.")
+    return [torch.tensor(output.generated_tokens, dtype=torch.long) for output in outputs]
 
 
 def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None) -> Completions:
@@ -178,26 +262,21 @@ def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConf
         raise ValueError("`prompts` is empty: nothing to generate.")
     generator = models.unwrap_wrappers(model)
     device = next(generator.parameters()).device
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, sampling.chat_template_kwargs)
     stop_ids = stop_token_ids(generator, tokenizer)
     config = _generation_config(sampling, stop_ids, tokenizer.pad_token_id)
     rows = [ids for ids in prompt_ids for _ in range(sampling.num_generations)]
-    completions: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _seeded(sampling.seed, device):
-            starts = range(0, len(rows), sampling.batch_size)
-            for start in tqdm(starts, desc="Generating", disable=not sampling.progress or len(starts) < 2):
-                batch = rows[start : start + sampling.batch_size]
-                input_ids, attention_mask = _left_pad(batch, tokenizer.pad_token_id, device,
-                                                      sampling.pad_to_multiple_of)
-                output = generator.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            generation_config=config)
-                generated = output[:, input_ids.size(1) :].cpu()
-                completions.extend(_cut_after_stop(generated, torch.tensor(stop_ids)))
+            if sampling.continuous_batching:
+                generated = _generate_continuously(generator, rows, config, sampling)
+            else:
+                generated = _generate_in_batches(generator, rows, config, sampling, tokenizer.pad_token_id, device)
     finally:
         model.train(was_training)
+    completions = _cut_after_stop(generated, torch.tensor(stop_ids))
     return Completions(
         prompt_ids=prompt_ids,
         completion_ids=data.pad(completions, tokenizer.pad_token_id),

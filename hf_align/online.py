@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from accelerate.utils import gather, gather_object, set_seed
 
 from . import data, distributed, losses, models
-from .config import AlignConfig, PackingArguments
+from .completion_log import CompletionLog, active_trackers
+from .config import AlignConfig, PackingArguments, VLLMArguments
 from .generation import Completions, SamplingConfig
 from .logprobs import CompletionLogProbs
 from .rewards import RewardScorer
@@ -34,11 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineConfig(AlignConfig, PackingArguments):
+class OnlineConfig(AlignConfig, PackingArguments, VLLMArguments):
     """Fields every online trainer shares, with TRL's GRPOConfig names and defaults (except `max_completion_length`,
     see below). `per_device_train_batch_size` counts completions, not prompts: with the defaults a generation batch
     holds `per_device_train_batch_size × num_processes × gradient_accumulation_steps` completions, which must be a
-    multiple of `num_generations`."""
+    multiple of `num_generations`. TRL's vLLM fields are accepted; `use_vllm=True` raises (`VLLMArguments`)."""
 
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's default)."})
     num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group size G)."})
@@ -46,6 +48,11 @@ class OnlineConfig(AlignConfig, PackingArguments):
         default=None, metadata={"help": "Completions per prompt during evaluation (default: num_generations)."}
     )
     max_completion_length: int = field(default=512, metadata={"help": "Most tokens of a sampled completion."})
+    ds3_gather_for_generation: bool = field(
+        default=True, metadata={"help": "Under DeepSpeed ZeRO-3, gather the whole policy on every device while it "
+                                        "samples (fast). False: ZeRO gathers one layer at a time as it runs (slower), "
+                                        "for a policy too large for one device."}
+    )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Draw prompts in a random order (seeded)."})
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "Completions per generation batch, all processes (exclusive with the next)."}
@@ -71,9 +78,50 @@ class OnlineConfig(AlignConfig, PackingArguments):
         default=None, metadata={"help": "More `transformers.GenerationConfig` arguments (e.g. suppress_tokens); they "
                                           "override the sampling fields above. A JSON string is parsed."}
     )
+    chat_template_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for the chat template when conversational prompts are "
+                                          "rendered for sampling, and for the reward models' templates (e.g. "
+                                          "{\"enable_thinking\": false}). A JSON string is parsed."}
+    )
     pad_to_multiple_of: int | str | None = field(
         default="auto", metadata={"help": "Pad prompts and completions to a multiple of this many tokens (fewer shapes "
-                                            "to compile). 'auto', TRL's default: none (TRL pads to 128 on AWS Neuron)."}
+                                            "to compile). 'auto', TRL's default: none (TRL pads to 128 on AWS Neuron); "
+                                            "'none' / 'null': none."}
+    )
+    use_transformers_continuous_batching: bool = field(
+        default=False, metadata={"help": "Sample with transformers' continuous batching (`generate_batch`, a paged KV "
+                                           "cache) instead of `generate`. It cannot apply repetition_penalty, "
+                                           "cache_implementation or generation_kwargs that read the completion so far "
+                                           "(an error at Config time)."}
+    )
+    transformers_continuous_batching_config: dict | str | None = field(
+        default=None, metadata={"help": "`transformers.ContinuousBatchingConfig` arguments (max_memory_percent 0.5 "
+                                          "unless given). On a CPU give num_blocks and max_batch_tokens: the default "
+                                          "sizes the cache from the machine's RAM. A JSON string is parsed."}
+    )
+    use_transformers_paged: bool = field(
+        default=False, metadata={"help": "Deprecated name of use_transformers_continuous_batching (TRL's)."}
+    )
+    log_completions: bool = field(
+        default=False, metadata={"help": "At each logging step, print the latest generation batch's prompts, "
+                                           "completions, rewards and advantages (with rich), save them to "
+                                           "<output_dir>/completions/completions_<step>.parquet, and log them as a "
+                                           "table to W&B / trackio when reported to."}
+    )
+    log_multimodal: bool = field(
+        default=True, metadata={"help": "Log images with the completions (TRL's); hf_align samples text only, so there "
+                                          "are none to log."}
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Rows of the completions table printed, drawn at random (None: all)."}
+    )
+    log_unique_prompts: bool = field(
+        default=False, metadata={"help": "One row per distinct prompt in the W&B / trackio completions table."}
+    )
+    log_completions_hub_repo: str | None = field(
+        default=None, metadata={"help": "A Hub dataset repo ('user/name', or 'name' in your namespace) the "
+                                          "completions parquet files are pushed to, every 2 minutes and when training "
+                                          "ends (needs log_completions; private with hub_private_repo)."}
     )
     beta: float = field(
         default=0.0, metadata={"help": "KL coefficient against the reference; 0 builds no reference at all."}
@@ -93,8 +141,16 @@ class OnlineConfig(AlignConfig, PackingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.generation_kwargs, str):  # from a command line
-            self.generation_kwargs = json.loads(self.generation_kwargs)
+        for name in ("generation_kwargs", "chat_template_kwargs", "transformers_continuous_batching_config"):
+            if isinstance(getattr(self, name), str):  # from a command line
+                setattr(self, name, json.loads(getattr(self, name)))
+        if self.use_transformers_paged:
+            warnings.warn("use_transformers_paged is deprecated (as in TRL): use use_transformers_continuous_batching.",
+                          FutureWarning, stacklevel=3)
+            self.use_transformers_continuous_batching = True
+        if self.log_completions_hub_repo is not None and not self.log_completions:
+            raise ValueError("log_completions_hub_repo pushes the completions that log_completions saves: set "
+                             "log_completions=True, or leave log_completions_hub_repo unset.")
         self.sampling(batch_size=1)  # checks the sampling fields now, not at the first generation
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
@@ -131,6 +187,9 @@ class OnlineConfig(AlignConfig, PackingArguments):
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             cache_implementation=self.cache_implementation, generation_kwargs=self.generation_kwargs,
             pad_to_multiple_of=self.pad_to_multiple_of, batch_size=batch_size,
+            chat_template_kwargs=self.chat_template_kwargs,
+            continuous_batching=self.use_transformers_continuous_batching,
+            continuous_batching_config=self.transformers_continuous_batching_config,
         )
 
 
@@ -159,12 +218,22 @@ class DataCollatorForPrompts:
         return list(examples)
 
 
+def completions_as_passed(prompts: list, texts: list[str]) -> list:
+    """The completions as reward functions get them (TRL's format): the texts, or one assistant message each when
+    the prompts are conversational."""
+    if data.is_conversational_row({"prompt": prompts[0]}, ["prompt"]):
+        return [[{"role": "assistant", "content": text}] for text in texts]
+    return list(texts)
+
+
 class OnlineTrainer(AlignTrainer):
     """The constructor of TRL's GRPOTrainer / RLOOTrainer, the generation-batch loop, reward scoring, the reference
-    (none with `beta=0`; the adapter disabled under peft; else a frozen copy) and the generation metrics."""
+    (none with `beta=0`; the adapter disabled under peft; else a frozen copy), the generation metrics and the
+    completions table (`log_completions`, `completion_log`)."""
 
     config_class = OnlineConfig
     dataset_columns = ("prompt",)
+    has_advantages = True  # whether `compute_advantages` returns advantages (the completions table shows them)
 
     def __init__(
         self,
@@ -189,6 +258,7 @@ class OnlineTrainer(AlignTrainer):
         self.reward_scorer = RewardScorer(
             reward_funcs, self.args.reward_weights, reward_processing_classes,
             model_init_kwargs=self.args.model_init_kwargs, device=self.accelerator.device,
+            chat_template_kwargs=self.args.chat_template_kwargs,
             prepare_model=functools.partial(distributed.prepare_frozen_model, self.accelerator),
         )
         self.ref_model = self.build_reference(None) if self.args.beta != 0 else None
@@ -198,6 +268,12 @@ class OnlineTrainer(AlignTrainer):
         self._step = 0  # micro-steps taken, as TRL counts them (for the generation cadence)
         self._buffered_rollouts: list[dict] | None = None
         self._warned_ties = False
+        args = self.args
+        # Every process gathers its rows for the table; the main process keeps, writes and pushes it.
+        self.completion_log = CompletionLog(
+            os.path.join(args.output_dir, "completions"), args.generation_batch_size, args.num_completions_to_print,
+            args.log_unique_prompts, args.log_completions_hub_repo, args.hub_private_repo, args.hub_token,
+        ) if args.log_completions and self.accelerator.is_main_process else None
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
@@ -245,6 +321,17 @@ class OnlineTrainer(AlignTrainer):
             self._buffered_rollouts = split_rollout(rollout, self.args.steps_per_generation)
         return self._buffered_rollouts[self._step % self.args.steps_per_generation]
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        if self.completion_log is not None:
+            self.completion_log.push()  # a run shorter than the push schedule would leave nothing on the Hub
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.completion_log is not None:
+            self.completion_log.write(self.state.global_step, active_trackers(self.args.report_to))
+
     def save_training_state(self, checkpoint: str) -> None:
         super().save_training_state(checkpoint)
         # A checkpoint can fall inside a generation batch: the resumed run serves the rest of it from this process's
@@ -274,7 +361,8 @@ class OnlineTrainer(AlignTrainer):
         `beta != 0`), scores the completions and sets this process's `advantages`."""
         device = self.accelerator.device
         prompts = [row["prompt"] for row in rows]
-        with distributed.gathered_for_generation(self.accelerator, self.model) as generator:
+        with distributed.gathered_for_generation(self.accelerator, self.model,
+                                                 self.args.ds3_gather_for_generation) as generator:
             rollout, sampled, is_truncated = sample_rollout(
                 generator, self.tokenizer, prompts, self.sampling_config(len(prompts)),
                 mask_truncated=self.args.mask_truncated_completions, device=device,
@@ -293,8 +381,12 @@ class OnlineTrainer(AlignTrainer):
 
         rewards_per_func = gather(self.score_completions(rows, sampled).to(device))
         self.record_reward_metrics(rewards_per_func)
-        self.record_logged_metrics()
+        extra_columns, logged_metrics = self.reward_scorer.pop_logs()
+        self.record_logged_metrics(logged_metrics)
         advantages = self.compute_advantages(rewards_per_func, rollout)
+        if self.args.log_completions:
+            self.record_completions(prompts, sampled.texts, rewards_per_func,
+                                    advantages if self.has_advantages else None, extra_columns)
         rollout["advantages"] = advantages[self.local_rows(len(rows))]
         return rollout
 
@@ -302,9 +394,7 @@ class OnlineTrainer(AlignTrainer):
         """Rewards `[n, F]` (this process's) of `sampled`, one completion per row, with the rows' other columns: the
         completions as text, or as one assistant message when the prompts are conversational (TRL's format)."""
         prompts = [row["prompt"] for row in rows]
-        conversational = data.is_conversational_row({"prompt": prompts[0]}, ["prompt"])
-        completions = [[{"role": "assistant", "content": text}] for text in sampled.texts] if conversational \
-            else sampled.texts
+        completions = completions_as_passed(prompts, sampled.texts)
         completion_ids = [ids[:length].tolist() for ids, length in zip(sampled.completion_ids, sampled.lengths)]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
         return self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
@@ -378,12 +468,29 @@ class OnlineTrainer(AlignTrainer):
         self.record_value("reward", torch.nanmean(rewards))
         self.record_value("reward_std", losses.nan_std(rewards))
 
-    def record_logged_metrics(self) -> None:
-        """What reward functions logged through `log_metric(name, value)`: each name's mean over every process (the
-        completions table that `log_extra` feeds is not kept)."""
-        _, logged = self.reward_scorer.pop_logs()
+    def record_logged_metrics(self, logged: dict[str, list[float]]) -> None:
+        """What reward functions logged through `log_metric(name, value)`: each name's mean over every process."""
         for name in sorted(set(gather_object(list(logged)))):
             self.record_sum(name, torch.tensor(logged.get(name, []), dtype=torch.float32, device=self.accelerator.device))
+
+    def record_completions(self, prompts: list, texts: list[str], rewards_per_func: torch.Tensor,
+                           advantages: torch.Tensor | None, extra_columns: dict[str, list]) -> None:
+        """Adds the generation batch of every process to the completions table: this process's `prompts` and
+        completion `texts`, the gathered rewards `[N_all, F]` and advantages (`[N_all]`, or per token `[N_all, C]`,
+        shown at each completion's first token: the whole completion's), and the `log_extra` columns (None on the
+        rows of a process whose reward functions did not log one). Collective: every process calls it."""
+        extra = {}
+        # Sorted, so that every process gathers the columns in the same order.
+        for name in sorted(set(gather_object(list(extra_columns)))):
+            extra[name] = gather_object(list(extra_columns.get(name, [None] * len(prompts))))
+        prompts, completions = gather_object(list(prompts)), gather_object(completions_as_passed(prompts, texts))
+        if self.completion_log is None:
+            return
+        if advantages is not None and advantages.dim() == 2:
+            advantages = advantages[:, 0]
+        rewards = {name: rewards_per_func[:, i].tolist() for i, name in enumerate(self.reward_scorer.names)}
+        self.completion_log.record(prompts, completions, rewards,
+                                   None if advantages is None else advantages.tolist(), extra)
 
     def record_zero_std_groups(self, is_zero_std: torch.Tensor) -> None:
         """`frac_reward_zero_std`, and a warning the first time every group of a training batch ties: their

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, models
+from ..config import VLLMImportanceSamplingArguments
 from ..online import OnlineConfig, OnlineTrainer
 
 GRPO_LOSS_TYPES = losses.PG_LOSS_TYPES
@@ -42,9 +43,10 @@ GRPO_CITATION = """@article{shao2024deepseekmath,
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments):
     """Configuration of `GRPOTrainer`: `OnlineConfig` (generation, batch arithmetic, β, ε) plus how rewards become
-    advantages and how token losses are formed and aggregated; TRL's names and defaults."""
+    advantages and how token losses are formed and aggregated; TRL's names and defaults. TRL's vLLM importance
+    sampling fields are accepted (they only act with `use_vllm=True`, which raises)."""
 
     loss_type: str = field(
         default="dapo",
@@ -130,6 +132,11 @@ class GRPOConfig(OnlineConfig):
         metadata={"help": "Multiply the per-token KL by the importance ratio (differentiable even where it is 1), so "
                           "that its gradient is the unbiased reverse-KL gradient (DeepSeek-V3.2, arXiv 2512.02556)."},
     )
+    max_tool_calling_iterations: int | None = field(
+        default=None,
+        metadata={"help": "Most tool-calling turns of an agent's rollout (None: no limit). It only acts with `tools` "
+                          "or `environment_factory`, which hf_align does not run yet."},
+    )
     cast_lm_head_to_fp32: bool = field(
         default=False,
         metadata={"help": "Keep the LM head's weights in float32 and run it in float32, outside autocast, for training "
@@ -169,6 +176,9 @@ class GRPOConfig(OnlineConfig):
         if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
             raise ValueError(f"off_policy_mask_threshold is a KL and must be >= 0, got "
                              f"{self.off_policy_mask_threshold}.")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 1:
+            raise ValueError(f"max_tool_calling_iterations must be at least 1 (or None: no limit), got "
+                             f"{self.max_tool_calling_iterations}.")
         if self.entropy_coef_min > self.entropy_coef_max or self.entropy_coef_delta < 0:
             raise ValueError("Adaptive entropy control needs entropy_coef_min <= entropy_coef_max and "
                              "entropy_coef_delta >= 0.")
@@ -232,6 +242,33 @@ class GRPOTrainer(OnlineTrainer):
     algorithm = "GRPO"
     paper = {"title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
              "id": "2402.03300", "citation": GRPO_CITATION}
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):
+        agentic = {"tools": bool(tools), "rollout_func": rollout_func is not None,
+                   "environment_factory": environment_factory is not None}
+        given = [name for name, is_given in agentic.items() if is_given]
+        if given:
+            raise NotImplementedError(
+                f"GRPOTrainer got {', '.join(given)}: hf_align does not run tool-calling or custom rollouts yet (TRL's "
+                "multi-turn agent training); every completion is one sampled turn. Leave them unset.")
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
+                         reward_processing_classes, callbacks, optimizers, quantization_config, peft_config)
 
     @functools.cached_property
     def entropy_control(self) -> EntropyControl:

@@ -21,10 +21,15 @@ Where it differs from TRL 1.16:
   completion's ids without padding. A list of β picks one per epoch (TRL's indexing by the float epoch fails).
 - IPO uses summed log-ratios, as TRL's OnlineDPOTrainer does; hf_align's offline IPO divides them by length.
 - Evaluation works: it samples pairs for the eval prompts and logs the same metrics with an `eval_` prefix.
+- `reward_model_path`, inert in TRL's trainer, is loaded as the reward model when the trainer is given neither
+  `reward_funcs` nor `judge` (what TRL's online_dpo script does with it).
+- The completions table (`log_completions`) shows each completion's ranking score under its reward functions' names
+  and no advantage column.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +37,8 @@ import torch
 from .. import losses
 from ..generation import stop_token_ids
 from ..online import OnlineConfig, OnlineTrainer
+
+logger = logging.getLogger(__name__)
 
 ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -76,6 +83,14 @@ class OnlineDPOConfig(OnlineConfig):
                           "epoch, the last one for the remaining epochs."},
     )
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {ONLINE_DPO_LOSS_TYPES}."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A reward model (Hub id or folder, a one-label sequence classifier) that "
+                                          "ranks the pairs when the trainer is given neither reward_funcs nor a judge "
+                                          "(TRL's online_dpo script loads it so)."}
+    )
+    vllm_gpu_memory_utilization: float | None = field(
+        default=0.55, metadata={"help": "GPU memory share of the colocated vLLM engine (TRL's Online DPO default)."}
+    )
 
     def __post_init__(self):
         betas = list(self.beta) if isinstance(self.beta, (list, tuple)) else [self.beta]
@@ -197,6 +212,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     `compute_metrics` and `preprocess_logits_for_metrics` keep TRL's argument order and must stay None."""
 
     config_class = OnlineDPOConfig
+    has_advantages = False  # `compute_advantages` returns the scores that rank each pair
     algorithm = "Online-DPO"
     paper = {"title": "Direct Language Model Alignment from Online AI Feedback", "id": "2402.04792",
              "citation": ONLINE_DPO_CITATION}
@@ -227,9 +243,16 @@ class OnlineDPOTrainer(OnlineTrainer):
         if given:
             raise ValueError(f"OnlineDPOTrainer does not take {given}: it samples and collates its own pairs, and "
                              "evaluation logs the training metrics on eval prompts.")
+        reward_model_path = args.reward_model_path if args is not None else None
+        if reward_funcs is None and judge is None and reward_model_path is not None:
+            reward_funcs = reward_model_path  # as TRL's online_dpo script: the Config names the reward model
+        elif reward_model_path is not None:
+            logger.warning(f"reward_model_path ({reward_model_path!r}) is not loaded: the pairs are ranked by the "
+                           f"{'judge' if judge is not None else 'reward_funcs'} given to the trainer.")
         if (reward_funcs is None) == (judge is None):
             raise ValueError("Online DPO ranks each pair of completions with `reward_funcs` (reward functions or "
-                             "reward models) or with a pairwise `judge`: give exactly one of them.")
+                             "reward models, or `args.reward_model_path`) or with a pairwise `judge`: give exactly one "
+                             "of them.")
         self.judge = judge
         self._explicit_ref_model = ref_model
         super().__init__(

@@ -55,6 +55,16 @@ class ReMaxConfig(OnlineConfig):
         default=1, metadata={"help": "Completions sampled per prompt, each compared with the greedy one."}
     )
 
+    def greedy_sampling(self, batch_size: int) -> SamplingConfig:
+        """How the baseline is decoded: greedily, with the prompts rendered and the engine chosen as for the samples
+        (`chat_template_kwargs`, continuous batching); the sampling filters and `generation_kwargs` do not apply."""
+        return SamplingConfig(
+            max_new_tokens=self.max_completion_length, temperature=0, batch_size=batch_size,
+            chat_template_kwargs=self.chat_template_kwargs,
+            continuous_batching=self.use_transformers_continuous_batching,
+            continuous_batching_config=self.transformers_continuous_batching_config,
+        )
+
 
 class ReMaxTrainer(RLOOTrainer):
     """Trains `model` on prompts with rewards from `reward_funcs` (callables with TRL's signature, reward models, or
@@ -87,11 +97,10 @@ class ReMaxTrainer(RLOOTrainer):
     def score_greedy(self, rows: list[dict]) -> torch.Tensor:
         """The combined reward `[len(rows)]` of the greedy completion of each row's prompt."""
         prompts = [row["prompt"] for row in rows]
-        with distributed.gathered_for_generation(self.accelerator, self.model) as generator:
-            greedy = generation.generate_completions(
-                generator, self.tokenizer, prompts,
-                SamplingConfig(max_new_tokens=self.args.max_completion_length, temperature=0, batch_size=len(prompts)),
-            )
+        with distributed.gathered_for_generation(self.accelerator, self.model,
+                                                 self.args.ds3_gather_for_generation) as generator:
+            greedy = generation.generate_completions(generator, self.tokenizer, prompts,
+                                                     self.args.greedy_sampling(len(prompts)))
         rewards_per_func = self.score_completions(rows, greedy)
         self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
         return self.reward_scorer.combine(rewards_per_func)

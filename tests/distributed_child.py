@@ -47,6 +47,8 @@ RUNS = {
     "reward": ("RewardTrainer", "preference", 16, dict(per_device_train_batch_size=4), None, False),
     "grpo": ("GRPOTrainer", "prompts", 16, ONLINE, "model", False),
     "grpo-fixed": ("GRPOTrainer", "prompts", 16, dict(ONLINE, num_iterations=2), "function", True),
+    # ZeRO-3's hooks gather each layer as generation runs it, instead of the whole policy at once
+    "grpo-nogather": ("GRPOTrainer", "prompts", 16, dict(ONLINE, ds3_gather_for_generation=False), "function", False),
     "rloo": ("RLOOTrainer", "prompts", 16, ONLINE, "function", False),
     "online_dpo": ("OnlineDPOTrainer", "prompts", 16,
                    dict(per_device_train_batch_size=4, max_new_tokens=6, max_length=64, beta=0.1), "model", False),

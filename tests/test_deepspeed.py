@@ -2,7 +2,8 @@
 
 `tests/distributed_child.py` trains each run for 4 steps and writes its logs and what it saw of the frozen models
 (reference, reward model) to JSON. The launches (plain `python`; ZeRO-2 and ZeRO-3 with one process; ZeRO-3 and DDP
-with two processes) run two at a time in one module fixture, each with one thread per process.
+with two processes) run two at a time in one module fixture, each with one thread per process. The one-process ZeRO-3
+launch also trains GRPO with `ds3_gather_for_generation=False`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ TOLERANCE = 1e-4
 LAUNCHES = {  # name: (accelerate options or None for plain python, processes, runs)
     "plain": (None, 1, COMPARED),
     "zero2": ("DEEPSPEED", 1, ALL_RUNS),
-    "zero3": ("DEEPSPEED", 1, ALL_RUNS),
+    "zero3": ("DEEPSPEED", 1, ALL_RUNS + ("grpo-nogather",)),
     "zero3-2p": ("DEEPSPEED", 2, COMPARED + ("grpo",)),
     "ddp-2p": ("DDP", 2, COMPARED),
 }
@@ -127,3 +128,15 @@ def test_zero3_generation_gathers_every_parameter(results, launch):
     run = results[launch]["grpo"]
     assert run["gathered"].count(run["num_parameters"]) == 4
     assert results["zero2"]["grpo"]["gathered"] == []
+
+
+def test_zero3_generation_without_gathering(results):
+    """`ds3_gather_for_generation=False`: sampling runs through ZeRO-3's hooks, which gather one layer at a time, so
+    no `GatheredParameters` call holds the policy (the calls of at most one parameter are made while the trainer is
+    built, in every run); GRPO still samples and trains."""
+    run = results["zero3"]["grpo-nogather"]
+    losses = _losses(run)
+    assert run["num_parameters"] in results["zero3"]["grpo"]["gathered"]  # the gathering run holds the policy whole
+    assert run["gathered"] and max(run["gathered"]) <= 1 and run["weights_moved"]
+    assert len(losses) == 4 and all(abs(loss) < 1e3 for loss in losses)
+    assert run["logs"][-1]["completions/mean_length"] > 0

@@ -187,8 +187,7 @@ def test_log_completions_prints_saves_and_reports_the_last_generation_batch(tmp_
     torch.testing.assert_close(torch.tensor(table["advantage"].to_numpy(), dtype=torch.float32), expected)
 
 
-def test_online_dpo_loads_reward_model_path_and_logs_no_advantage(
-        tmp_path, tiny_model_path, tiny_seqcls_path):
+def test_online_dpo_loads_reward_model_path_and_logs_no_advantage(tmp_path, tiny_model_path, tiny_seqcls_path):
     args = OnlineDPOConfig(**_settings(tmp_path, max_steps=1, max_new_tokens=6, max_length=64, log_completions=True,
                                        reward_model_path=tiny_seqcls_path, max_completion_length=None))
     trainer = OnlineDPOTrainer(tiny_model_path, args=args, train_dataset=_prompts(conversational=True))

@@ -28,6 +28,7 @@ from .completion_log import CompletionLog, active_trackers
 from .config import AlignConfig, PackingArguments, VLLMArguments
 from .generation import Completions, SamplingConfig
 from .logprobs import CompletionLogProbs
+from .reference_sync import ReferenceSync, ReferenceSyncArguments
 from .rewards import RewardScorer
 from .rollout import GroupSampler, completion_token_logprobs, sample_rollout, shuffle_rollout, split_rollout
 from .trainer import AlignTrainer
@@ -262,6 +263,8 @@ class OnlineTrainer(AlignTrainer):
             prepare_model=functools.partial(distributed.prepare_frozen_model, self.accelerator),
         )
         self.ref_model = self.build_reference(None) if self.args.beta != 0 else None
+        if isinstance(self.args, ReferenceSyncArguments):
+            self.reference_sync = ReferenceSync.attach(self)
         # A group can be split between processes: each process samples from its own random stream (seed + its index),
         # or they would draw the same completions for their shares of the group.
         set_seed(self.args.seed, device_specific=True)

@@ -113,7 +113,10 @@ def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0,
         else:
             pieces.append(_rollout_row_logprobs(model, part, temperature, with_stats, entropy_grad))
     fields = ("token_logps", "mask", "entropy", "mean_logit", "is_top1") if with_stats else ("token_logps", "mask")
-    return CompletionLogProbs(**{name: torch.cat([getattr(p, name) for p in pieces]) for name in fields})
+    # A Mixture-of-Experts model's load-balancing loss: the mean of the forwards' (TRL's).
+    aux_loss = torch.stack([p.aux_loss for p in pieces]).mean() if pieces[0].aux_loss is not None else None
+    return CompletionLogProbs(**{name: torch.cat([getattr(p, name) for p in pieces]) for name in fields},
+                              aux_loss=aux_loss)
 
 
 ROLLOUT_TOKENS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")

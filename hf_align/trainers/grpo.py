@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, models
-from ..config import VLLMImportanceSamplingArguments
+from ..config import RouterAuxLossArguments, VLLMImportanceSamplingArguments
 from ..online import OnlineConfig, OnlineTrainer
+from ..reference_sync import ReferenceSyncArguments
 
 GRPO_LOSS_TYPES = losses.PG_LOSS_TYPES
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -43,7 +44,7 @@ GRPO_CITATION = """@article{shao2024deepseekmath,
 
 
 @dataclass
-class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments):
+class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArguments, RouterAuxLossArguments):
     """Configuration of `GRPOTrainer`: `OnlineConfig` (generation, batch arithmetic, β, ε) plus how rewards become
     advantages and how token losses are formed and aggregated; TRL's names and defaults. TRL's vLLM importance
     sampling fields are accepted (they only act with `use_vllm=True`, which raises)."""
@@ -145,6 +146,7 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments):
     )
 
     def __post_init__(self):
+        self.check_reference_sync()
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards)
         if self.loss_type not in GRPO_LOSS_TYPES:
@@ -318,6 +320,7 @@ class GRPOTrainer(OnlineTrainer):
         if args.uses_entropy_bonus:
             self.record_metric("policy_loss", loss)
             loss = loss - self.entropy_bonus(policy.entropy, loss_tokens)
+        loss = self.add_router_aux_loss(loss, policy)
         self.record_token_mean("entropy", policy.entropy, mask)
         return (loss, {"logps": logps}) if return_outputs else loss
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from accelerate.utils import gather
 
 from .. import losses
+from ..config import RouterAuxLossArguments
 from ..online import OnlineConfig, OnlineTrainer
+from ..reference_sync import ReferenceSyncArguments
 
 RLOO_CITATION = """@inproceedings{ahmadian2024back,
     title     = {{Back to Basics: Revisiting REINFORCE-Style Optimization for Learning from Human Feedback in LLMs}},
@@ -26,7 +28,7 @@ RLOO_CITATION = """@inproceedings{ahmadian2024back,
 
 
 @dataclass
-class RLOOConfig(OnlineConfig):
+class RLOOConfig(OnlineConfig, ReferenceSyncArguments, RouterAuxLossArguments):
     """Configuration of `RLOOTrainer`: `OnlineConfig` with TRL's RLOO defaults (G = 2, β = 0.05) plus advantage
     whitening and reward clipping."""
 
@@ -38,6 +40,10 @@ class RLOOConfig(OnlineConfig):
     reward_clip_range: list[float] | None = field(
         default=None, metadata={"help": "Clip the weighted reward to (min, max) before the KL term."}
     )
+
+    def __post_init__(self):
+        self.check_reference_sync()
+        super().__post_init__()
 
 
 class RLOOTrainer(OnlineTrainer):
@@ -72,6 +78,7 @@ class RLOOTrainer(OnlineTrainer):
         log_ratio = losses.log_importance_weights(policy.token_logps, inputs["old_logps"], mask, level="sequence_sum")
         advantages = inputs["advantages"]
         loss = losses.clipped_surrogate_loss(log_ratio, advantages, args.epsilon, args.epsilon_high).mean()
+        loss = self.add_router_aux_loss(loss, policy)
         self.record_token_mean("entropy", policy.entropy, mask)
         fractions = losses.clip_fractions(log_ratio, advantages, mask, args.epsilon, args.epsilon_high)
         for key in ("low_mean", "high_mean", "region_mean"):

@@ -309,17 +309,20 @@ def check_rows(dataset, name: str, columns: Sequence[str], num_proc: int | None 
     return dataset.map(check, with_indices=True, **map_kwargs(dataset, f"Checking {name}", num_proc))
 
 
-def check_prompts(dataset, name: str, tokenizer, num_proc: int | None = None):
+def check_prompts(dataset, name: str, tokenizer, num_proc: int | None = None, template_kwargs: dict | None = None):
     """`check_rows` for the `prompt` column of an online trainer's dataset, plus what it needs from the tokenizer:
-    the chat template must render each message list as generation will (with the generation prompt), so that a row
-    it cannot render fails here, not in the middle of training. Returns the dataset."""
+    the chat template must render each message list as generation will (with the generation prompt and
+    `template_kwargs`), so that a row it cannot render fails here, not in the middle of training. Returns the
+    dataset."""
     dataset = check_rows(dataset, name, ("prompt",), num_proc)
     if not is_conversational_row(first_row(dataset, name), ["prompt"]):
         return dataset  # a string always tokenizes
 
+    template_kwargs = template_kwargs or {}
+
     def render(row, index):
         apply_chat_template(tokenizer, row["prompt"], f"{name} dataset, row {index}, column 'prompt'",
-                            add_generation_prompt=True)
+                            add_generation_prompt=True, **template_kwargs)
         return {}
 
     return dataset.map(render, with_indices=True, **map_kwargs(dataset, f"Rendering the prompts of {name}", num_proc))

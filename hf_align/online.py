@@ -284,7 +284,7 @@ class OnlineTrainer(AlignTrainer):
         reward functions."""
         if not hasattr(dataset, "__len__"):
             raise ValueError(f"The {name} dataset must be a `datasets.Dataset` (with a length), not a stream.")
-        data.check_prompts(dataset, name, self.tokenizer, args.dataset_num_proc)
+        data.check_prompts(dataset, name, self.tokenizer, args.dataset_num_proc, args.chat_template_kwargs)
         return dataset
 
     def default_collator(self, args):

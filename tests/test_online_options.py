@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_align.generation
 import hf_align.rollout
-from hf_align import OnlineDPOConfig, OnlineDPOTrainer, RLOOConfig, RLOOTrainer, losses
+from hf_align import DataError, OnlineDPOConfig, OnlineDPOTrainer, RLOOConfig, RLOOTrainer, losses
 from hf_align.completion_log import CompletionLog, active_trackers
 from hf_align.defaults import CHAT_TEMPLATE
 from hf_align.generation import SamplingConfig, encode_prompts, generate_completions, stop_token_ids
@@ -153,6 +153,18 @@ def test_chat_template_kwargs_reach_the_sampling_and_reward_model_templates(tmp_
     assert sampling.chat_template_kwargs == {"marked": True}
     assert all(tokenizer.decode(ids).startswith("MARKED <|im_start|>user") for ids in completions.prompt_ids)
     assert scored and all(reward_tokenizer.decode(ids).startswith("MARKED ") for ids in scored[0])
+
+
+def test_prompts_are_checked_with_the_chat_template_kwargs(tmp_path, tiny_model_path):
+    """A template that needs a kwarg renders the dataset's prompts at the check with it, and fails without."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.chat_template = "{% if not marked %}{{ raise_exception('needs marked') }}{% endif %}" + MARKED_TEMPLATE
+    dataset = _prompts(conversational=True)
+    args = GRPOConfig(**_settings(tmp_path, max_steps=1, chat_template_kwargs={"marked": True}))
+    GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(DataError, match="row 0, column 'prompt'.*needs marked"):
+        GRPOTrainer(tiny_model_path, length_reward, args=GRPOConfig(**_settings(tmp_path, max_steps=1)),
+                    train_dataset=dataset, processing_class=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------- completion logging

@@ -1,7 +1,7 @@
 """Every field of TRL's Configs and every argument of TRL's trainer constructors exists in hf_align, read from the
 installed TRL at test time: a TRL upgrade that adds one fails here, naming it.
 
-Defaults equal TRL's except the deliberate differences in `DELIBERATE_DEFAULTS` (each in the README's "Where hf_align
+Defaults equal TRL's except the deliberate differences in `DELIBERATE_DEFAULTS` (each in docs/migration.md's "Where hf_align
 deliberately differs from TRL" list). Constructors take TRL's arguments in TRL's order; hf_align's own extra
 arguments (e.g. `quantization_config`, `judge`) come after TRL's."""
 
@@ -92,7 +92,7 @@ def test_every_trl_constructor_argument_exists_in_trls_order(trl_names, names):
 def test_deliberate_default_differences_are_in_the_readme():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "migration.md").read_text()
     section = readme.split("Where hf_align deliberately differs from TRL")[1]
     for _, name in DELIBERATE_DEFAULTS:
         assert f"`{name}" in section, f"README does not explain the default of `{name}`"

@@ -12,20 +12,13 @@ second, `number_format_reward`, is 1 when the whole answer is a number. Any `GDP
 Writes the model, its card and training_metrics.png to --output_dir (default outputs/gdpo).
 """
 
-from hf_align.scripts import run_rlvr
-from hf_align.trainers.decoupled_gdpo import GDPOTrainer
-from hf_align.verifiers import regex_reward
-
-NUMBER_FORMAT_REWARD = regex_reward(r"\s*-?\d+\s*", name="number_format_reward")
+from hf_align.recipes import run_recipe
 
 
-# For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
-# learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-    logging_steps=20, save_strategy="no", report_to="none",
-)
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align decoupled_gdpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("decoupled_gdpo", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(GDPOTrainer, EMBEDDED_DEFAULTS, extra_reward_funcs=[NUMBER_FORMAT_REWARD])
+    main()

@@ -11,15 +11,15 @@ Rows need `prompt`, `beliefs`, `belief_distribution`, `belief`, `chosen`, `rejec
 outputs/gdpo-distributional).
 """
 
-from hf_align import DistributionalGDPOTrainer
-from hf_align.scripts import run
+from hf_align.recipes import RECIPES, run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5 makes
-# the belief-conditioned preference learn within the few epochs this toy task gets.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, beta=0.5, per_device_train_batch_size=8, num_train_epochs=6, logging_steps=10,
-    eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-)
+EMBEDDED_DEFAULTS = RECIPES["gdpo"].embedded_defaults  # the Config values for the embedded tiny model
+
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align gdpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("gdpo", argv)
+
 
 if __name__ == "__main__":
-    run(DistributionalGDPOTrainer, "belief_preference", EMBEDDED_DEFAULTS)
+    main()

@@ -15,15 +15,13 @@ accuracy on the held-out questions before and after GRPO. Writes the model, its 
 outputs/grpo).
 """
 
-from hf_align import GRPOTrainer
-from hf_align.scripts import run_rlvr
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=8, max_completion_length=6,
-    logging_steps=20, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align grpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("grpo", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(GRPOTrainer, EMBEDDED_DEFAULTS)
+    main()

@@ -6,14 +6,13 @@
 Any `IPOConfig` field is a flag. Writes the model, its card and training_metrics.png to --output_dir.
 """
 
-from hf_align import IPOTrainer
-from hf_align.scripts import run
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-    eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align ipo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("ipo", argv)
+
 
 if __name__ == "__main__":
-    run(IPOTrainer, "preference", EMBEDDED_DEFAULTS)
+    main()

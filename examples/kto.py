@@ -8,14 +8,13 @@ Any `KTOConfig` field is a flag (`--beta 0.05 --desirable_weight 1.2`). A paired
 unpaired automatically. Writes the model, its card and training_metrics.png to --output_dir (default outputs/kto).
 """
 
-from hf_align import KTOTrainer
-from hf_align.scripts import run
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-    eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align kto` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("kto", argv)
+
 
 if __name__ == "__main__":
-    run(KTOTrainer, "unpaired_preference", EMBEDDED_DEFAULTS)
+    main()

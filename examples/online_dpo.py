@@ -13,15 +13,13 @@ on the embedded default. Writes the model, its card and training_metrics.png to 
 outputs/online-dpo).
 """
 
-from hf_align.scripts import run_rlvr
-from hf_align.trainers.online_dpo import OnlineDPOTrainer
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, max_new_tokens=6, logging_steps=10,
-    save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align online_dpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("online_dpo", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(OnlineDPOTrainer, EMBEDDED_DEFAULTS)
+    main()

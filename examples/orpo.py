@@ -9,14 +9,13 @@ Any `ORPOConfig` field is a flag (`--beta 0.2` sets λ). Writes the model, its c
 --output_dir (default outputs/orpo).
 """
 
-from hf_align import ORPOTrainer
-from hf_align.scripts import run
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-    eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align orpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("orpo", argv)
+
 
 if __name__ == "__main__":
-    run(ORPOTrainer, "preference", EMBEDDED_DEFAULTS)
+    main()

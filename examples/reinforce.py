@@ -10,16 +10,13 @@ The reward is a verifier picked from the dataset's columns, as in examples/grpo.
 embedded default. Writes the model, its card and training_metrics.png to --output_dir (default outputs/reinforce).
 """
 
-from hf_align.scripts import run_rlvr
-from hf_align.trainers.reinforce import ReinforceTrainer
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
-# learning rate, no KL (the warm start is a weak reference).
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-    beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align reinforce` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("reinforce", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(ReinforceTrainer, EMBEDDED_DEFAULTS)
+    main()

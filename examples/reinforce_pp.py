@@ -11,16 +11,13 @@ Prints the held-out accuracy before and after on the embedded default. Writes th
 training_metrics.png to --output_dir (default outputs/reinforce++).
 """
 
-from hf_align.scripts import run_rlvr
-from hf_align.trainers.reinforce import ReinforcePPTrainer
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): four samples a prompt with the group baseline, short
-# answers, a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-    advantage_estimator="reinforce++_baseline", logging_steps=20, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align reinforce_pp` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("reinforce_pp", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(ReinforcePPTrainer, EMBEDDED_DEFAULTS)
+    main()

@@ -10,18 +10,13 @@ The reward is a verifier picked from the dataset's columns, as in examples/grpo.
 the embedded default. Writes the model, its card and training_metrics.png to --output_dir (default outputs/remax).
 """
 
-from hf_align.scripts import run_rlvr
-from hf_align.trainers.remax import ReMaxTrainer
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): two samples a prompt (the paper's one learns more slowly
-# here), short answers, a large learning rate. The warm start's greedy answers beat most of its samples, so most
-# advantages are negative; the KL to the warm start keeps pushing down wrong samples from spreading probability over
-# nonsense.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=2, max_completion_length=6,
-    beta=0.1, logging_steps=20, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align remax` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("remax", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(ReMaxTrainer, EMBEDDED_DEFAULTS)
+    main()

@@ -11,16 +11,13 @@ accuracy before and after on the embedded default. Writes the model, its card an
 --output_dir (default outputs/rloo).
 """
 
-from hf_align import RLOOTrainer
-from hf_align.scripts import run_rlvr
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
-# learning rate, no KL (the warm start is a weak reference).
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-    beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align rloo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("rloo", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(RLOOTrainer, EMBEDDED_DEFAULTS)
+    main()

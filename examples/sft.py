@@ -8,14 +8,13 @@ Any `SFTConfig` field is a flag (`--packing --max_length 512`). Writes the model
 training_metrics.png to --output_dir (default outputs/sft).
 """
 
-from hf_align import SFTTrainer
-from hf_align.scripts import run
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=2e-3, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-    eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align sft` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("sft", argv)
+
 
 if __name__ == "__main__":
-    run(SFTTrainer, "sft", EMBEDDED_DEFAULTS)
+    main()

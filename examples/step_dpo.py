@@ -10,14 +10,13 @@ Rows need `prompt`, `initial_reason_steps`, `chosen`, `rejected` (see `hf_align.
 --output_dir (default outputs/step-dpo).
 """
 
-from hf_align import StepDPOTrainer
-from hf_align.scripts import run
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=1e-3, per_device_train_batch_size=8, num_train_epochs=4, warmup_steps=0.0, logging_steps=10,
-    eval_strategy="steps", eval_steps=25, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align step_dpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("step_dpo", argv)
+
 
 if __name__ == "__main__":
-    run(StepDPOTrainer, "step_preference", EMBEDDED_DEFAULTS)
+    main()

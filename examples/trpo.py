@@ -12,16 +12,13 @@ One process. Prints the held-out accuracy before and after on the embedded defau
 training_metrics.png to --output_dir (default outputs/trpo).
 """
 
-from hf_align import TRPOTrainer
-from hf_align.scripts import run_rlvr
+from hf_align.recipes import run_recipe
 
-# For the embedded tiny model only (after its SFT warm start): group-relative advantages over 8 samples a prompt,
-# one trust-region step per batch of 32 completions.
-EMBEDDED_DEFAULTS = dict(
-    advantage_estimator="grpo", num_generations=8, per_device_train_batch_size=32, max_completion_length=6,
-    max_kl=0.02, max_steps=30, logging_steps=5, save_strategy="no", report_to="none",
-)
+
+def main(argv: list[str] | None = None):
+    """Trains as `hf-align trpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("trpo", argv)
 
 
 if __name__ == "__main__":
-    run_rlvr(TRPOTrainer, EMBEDDED_DEFAULTS)
+    main()

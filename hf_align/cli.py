@@ -1,186 +1,122 @@
-"""The `hf-align` command: every example script behind one entry point.
+"""The `hf-align` command: every algorithm's recipe (hf_align.recipes) behind one entry point, with TRL's CLI
+conventions (a YAML file written for `trl dpo` runs unchanged with `hf-align dpo`).
 
-    hf-align dpo                                   # = python examples/dpo.py (embedded tiny model and data)
+    hf-align dpo                                   # embedded tiny model and data, offline
     hf-align dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
-    hf-align dpo --config my.yaml --beta 0.05      # YAML keys are flags; flags on the command line win
+    hf-align dpo --config my.yaml --beta 0.05      # TRL's YAML format (env:, datasets:); flags on the command line win
+    hf-align dpo --num_processes 2 --accelerate_config zero2    # through `accelerate launch`
     hf-align recommend trl-lib/ultrafeedback_binarized
     hf-align eval --model_name_or_path outputs/dpo --ref_model hf-align/tiny-chat   # metrics as JSON
     hf-align env
-
-`hf-align <algorithm> ARGS` runs `examples/<algorithm>.py` exactly as `python examples/<algorithm>.py ARGS` would
-(same `hf_align.scripts.run` / `run_rlvr` call, same embedded defaults, same bespoke logic: SPIN's warm start, the
-three stages of PPO). The examples are read from the source checkout this package is installed from
-(`pip install -e .`), or from `$HF_ALIGN_EXAMPLES`.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import os
-import re
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 PROG = "hf-align"
 
-# Subcommand -> example script (examples/<script>.py).
-ALGORITHMS = {
-    "sft": "sft",
-    "reward": "reward",
-    "dpo": "dpo",
-    "ipo": "ipo",
-    "kto": "kto",
-    "orpo": "orpo",
-    "simpo": "simpo",
-    "step_dpo": "step_dpo",
-    "gdpo": "gdpo",
-    "spin": "spin",
-    "grpo": "grpo",
-    "rloo": "rloo",
-    "remax": "remax",
-    "reinforce": "reinforce",
-    "reinforce_pp": "reinforce_pp",
-    "decoupled_gdpo": "decoupled_gdpo",
-    "online_dpo": "online_dpo",
-    "ppo": "ppo",
-    "trpo": "trpo",
-}
 OTHER_COMMANDS = {
     "recommend": "which trainer fits a dataset (hf_align.advisor): hf-align recommend DATASET [--split S]",
     "env": "versions of hf_align and its dependencies, the device, and the precision precision=\"auto\" picks",
     "eval": "a model against its reference on held-out pairs, the metrics as JSON (hf_align.evaluate)",
 }
-# The PPO example's stage prefixes (`--sft.learning_rate=...`): a nested mapping under these keys in a YAML file.
-PPO_STAGES = ("sft", "reward")
 ENV_PACKAGES = ("hf_align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+# --accelerate_config NAME -> the accelerate config file shipped in hf_align/accelerate_configs/.
+ACCELERATE_CONFIGS = {
+    "ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
+}
+LAUNCH_FLAGS = ("--num_processes", "--accelerate_config")
 
 
 class CLIError(Exception):
     """A usage error: printed without a traceback, exit status 2."""
 
 
-# ------------------------------------------------------------------------------------------------- the examples
+# ------------------------------------------------------------------------------------------------- the recipes
 
 
-def examples_dir() -> Path:
-    """The folder of example scripts: `$HF_ALIGN_EXAMPLES`, else `examples/` next to the installed package."""
-    override = os.environ.get("HF_ALIGN_EXAMPLES")
-    folder = Path(override) if override else Path(__file__).resolve().parent.parent / "examples"
-    if not folder.is_dir():
-        raise CLIError(
-            f"The example scripts were not found at {folder}. The CLI runs them: install hf_align from its source "
-            "checkout (pip install -e .) or point $HF_ALIGN_EXAMPLES at the checkout's examples/ folder."
-        )
-    return folder
+def algorithms() -> dict:
+    from .recipes import RECIPES
+
+    return RECIPES
 
 
-def example_path(algorithm: str) -> Path:
-    if algorithm not in ALGORITHMS:
-        raise CLIError(f"Unknown algorithm or command {algorithm!r}. Valid algorithms: {', '.join(ALGORITHMS)}; "
+def run_algorithm(algorithm: str, argv: list[str]) -> int:
+    """Runs the recipe of `algorithm` with `argv` as its command line; returns the exit status."""
+    from .recipes import RECIPES, run_recipe
+
+    if algorithm not in RECIPES:
+        raise CLIError(f"Unknown algorithm or command {algorithm!r}. Valid algorithms: {', '.join(RECIPES)}; "
                        f"other commands: {', '.join(OTHER_COMMANDS)}. See `{PROG} --help`.")
-    path = examples_dir() / f"{ALGORITHMS[algorithm]}.py"
-    if not path.is_file():
-        raise CLIError(f"The example script for {algorithm!r} is missing: {path}")
-    return path
-
-
-def summary(path: Path, limit: int = 90) -> str:
-    """The first sentence of an example's docstring (read without running the script)."""
-    try:
-        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-    except (OSError, SyntaxError):
-        return ""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-    sentence = re.split(r"(?<=[.])\s", paragraph, maxsplit=1)[0].rstrip(".")
-    return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
-
-
-def run_example(algorithm: str, argv: list[str]) -> int:
-    """Runs examples/<algorithm>.py as its `__main__` with `argv` as its command line; returns the exit status."""
-    path = example_path(algorithm)
-    source = path.read_text(encoding="utf-8")
-    code = compile(source, str(path), "exec")
-    # Like `runpy.run_path(path, run_name="__main__")`, but sys.argv[0] stays "hf-align <algorithm>": the example's
-    # argument parser names itself after it in --help and in its errors.
-    module = types.ModuleType("__main__", ast.get_docstring(ast.parse(source)))
-    module.__file__ = str(path)
-    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
+    # argparse names itself after sys.argv[0]: "hf-align dpo" in --help and in its errors.
+    saved_argv = sys.argv
     sys.argv = [f"{PROG} {algorithm}", *argv]
-    sys.modules["__main__"] = module
     try:
-        exec(code, module.__dict__)  # noqa: S102 - the project's own example script
-    except SystemExit as stop:  # --help, or an argument error reported by the example's parser
+        run_recipe(algorithm, argv)
+    except SystemExit as stop:  # --help, or a usage error reported by the parser
         status = stop.code
         return status if isinstance(status, int) else (0 if status is None else 1)
     finally:
         sys.argv = saved_argv
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- YAML files
+# ------------------------------------------------------------------------------------------------ accelerate
 
 
-def _flag_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return json.dumps(value)
-    return str(value)
+def accelerate_config_path(name: str) -> Path:
+    """The accelerate config file `name` stands for: a shipped one (`ACCELERATE_CONFIGS`) or a file path."""
+    if name in ACCELERATE_CONFIGS:
+        return Path(__file__).resolve().parent / "accelerate_configs" / ACCELERATE_CONFIGS[name]
+    if Path(name).is_file():
+        return Path(name)
+    raise CLIError(f"--accelerate_config must be one of {', '.join(ACCELERATE_CONFIGS)} or an accelerate config "
+                   f"file, got {name!r}.")
 
 
-def yaml_flags(path: str, algorithm: str) -> list[str]:
-    """The flags a YAML config file stands for: `key: value` -> `--key=value`, a list -> `--key a b`, a mapping ->
-    JSON (e.g. `model_init_kwargs`), `null` -> left at its default. For ppo, a mapping under `sft:` / `reward:` holds
-    that stage's fields (`--sft.learning_rate=...`)."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            settings = yaml.safe_load(handle)
-    except OSError as error:
-        raise CLIError(f"Cannot read the config file {path!r}: {error}") from error
-    except yaml.YAMLError as error:
-        raise CLIError(f"The config file {path!r} is not valid YAML: {error}") from error
-    if settings is None:
-        return []
-    if not isinstance(settings, dict):
-        raise CLIError(f"The config file {path!r} must be a mapping of field names to values.")
-    flags = []
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if algorithm == "ppo" and key in PPO_STAGES and isinstance(value, dict):
-            flags += [f"--{key}.{field}={_flag_value(item)}" for field, item in value.items() if item is not None]
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *(_flag_value(item) for item in value)]
-        else:
-            flags.append(f"--{key}={_flag_value(value)}")
-    return flags
-
-
-def expand_config(argv: list[str], algorithm: str) -> list[str]:
-    """`argv` with `--config FILE` replaced by the file's flags, placed first so that command-line flags win."""
-    rest, files = [], []
-    index = 0
+def split_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({"num_processes": N, "accelerate_config": NAME} as given, the other flags)."""
+    launch, rest, index = {}, [], 0
     while index < len(argv):
-        arg = argv[index]
-        if arg == "--config":
-            if index + 1 >= len(argv):
-                raise CLIError("--config needs a YAML file.")
-            files.append(argv[index + 1])
-            index += 2
-            continue
-        if arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
+        flag, _, value = argv[index].partition("=")
+        if flag in LAUNCH_FLAGS:
+            if not value:
+                if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+                    raise CLIError(f"{flag} needs a value.")
+                value, index = argv[index + 1], index + 1
+            launch[flag[2:]] = value
         else:
-            rest.append(arg)
+            rest.append(argv[index])
         index += 1
-    from_files = [flag for path in files for flag in yaml_flags(path, algorithm)]
-    return [*from_files, *rest]
+    return launch, rest
+
+
+def launch_command(algorithm: str, launch: dict[str, str], argv: list[str]) -> list[str]:
+    """`accelerate launch --config_file C [--num_processes N] -m hf_align.cli <algorithm> ARGS`. Without
+    --accelerate_config, DDP."""
+    config = accelerate_config_path(launch.get("accelerate_config", "ddp"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    if "num_processes" in launch:
+        if not launch["num_processes"].isdigit() or int(launch["num_processes"]) < 1:
+            raise CLIError(f"--num_processes must be a positive integer, got {launch['num_processes']!r}.")
+        command += ["--num_processes", launch["num_processes"]]
+    return [*command, "-m", "hf_align.cli", algorithm, *argv]
+
+
+def launch(algorithm: str, launch_flags: dict[str, str], argv: list[str]) -> int:
+    """Runs `hf-align <algorithm> ARGS` in the processes accelerate starts; returns their exit status."""
+    if algorithm not in algorithms():
+        raise CLIError(f"Unknown algorithm {algorithm!r}. Valid algorithms: {', '.join(algorithms())}.")
+    command = launch_command(algorithm, launch_flags, argv)
+    import torch
+
+    # With no GPU, the processes run on the CPU (DDP over gloo, DeepSpeed's CPU mode).
+    env = os.environ if torch.cuda.is_available() else {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    return subprocess.call(command, env=env)
 
 
 # ---------------------------------------------------------------------------------------------------- env
@@ -233,29 +169,27 @@ def env_report() -> str:
 
 
 def usage() -> str:
-    try:
-        folder = examples_dir()
-        described = {name: summary(folder / f"{script}.py") for name, script in ALGORITHMS.items()}
-    except CLIError:
-        described = dict.fromkeys(ALGORITHMS, "")
-    width = max(map(len, [*ALGORITHMS, *OTHER_COMMANDS])) + 2
+    recipes = algorithms()
+    width = max(map(len, [*recipes, *OTHER_COMMANDS])) + 2
     lines = [
         f"usage: {PROG} <algorithm> [--model_name_or_path M] [--dataset_name D] [--config FILE.yaml] [--<field> V ...]",
+        f"                            [--num_processes N] [--accelerate_config {{{','.join(ACCELERATE_CONFIGS)}}}]",
         f"       {PROG} recommend DATASET [--split S] [--config NAME]",
         f"       {PROG} eval [--model_name_or_path M] [--ref_model R] [--dataset_name D] [--reward_model RM] [...]",
         f"       {PROG} env",
         "",
-        "Trains with the same code as examples/<algorithm>.py. With no model and no dataset it trains the embedded tiny",
-        "model on the embedded data. Every ScriptArguments and Config field is a flag; --config reads them from a YAML",
-        "file (flags on the command line win). `hf-align <algorithm> --help` lists that algorithm's flags.",
+        "Trains an algorithm's recipe (hf_align.recipes; examples/<algorithm>.py runs the same). With no model and no",
+        "dataset it trains the embedded tiny model on the embedded data. The flags are TRL's: ScriptArguments,",
+        "ModelConfig and the algorithm's Config fields; --config reads them from a YAML file in TRL's format (env:,",
+        "datasets:), and flags on the command line win. `hf-align <algorithm> --help` lists that algorithm's flags",
+        "with the defaults it will use. --num_processes / --accelerate_config run it through `accelerate launch`",
+        "with one of hf_align's accelerate config files (or your own file).",
         "",
         "algorithms:",
-        *(f"  {name:<{width}}{text}" for name, text in described.items()),
+        *(f"  {name:<{width}}{recipe.summary}" for name, recipe in recipes.items()),
         "",
         "other commands:",
         *(f"  {name:<{width}}{text}" for name, text in OTHER_COMMANDS.items()),
-        "",
-        "Multi-GPU: accelerate launch --config_file examples/accelerate_configs/ddp.yaml -m hf_align.cli dpo ...",
     ]
     return "\n".join(lines)
 
@@ -286,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import main as evaluate
 
             return evaluate(rest)
-        return run_example(command, expand_config(rest, command))
+        launch_flags, rest = split_launch_flags(rest)
+        if launch_flags:
+            return launch(command, launch_flags, rest)
+        return run_algorithm(command, rest)
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -1,15 +1,20 @@
-"""What every example script does: parse arguments, load model and data (the embedded default when none are
-named), train, save the model with its card and a plot of the training metrics, and optionally push to the Hub."""
+"""What every recipe does (hf_align.recipes: `hf-align <algorithm>` and the example scripts): parse the arguments
+with TRL's conventions (`TrlParser` over TRL's `ScriptArguments`, the algorithm's Config, TRL's `ModelConfig` and
+`DatasetMixtureConfig`: a YAML file written for `trl <algorithm>` works unchanged), load model and data (the embedded
+default when none are named), train (resuming from a checkpoint when asked), save the model with its card and a plot
+of the training metrics, and optionally push to the Hub."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
-from transformers import HfArgumentParser
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset
 
 from . import defaults
 
@@ -21,60 +26,164 @@ PLOTTED_METRICS = (
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str = field(
-        default=defaults.DEFAULT_MODEL_NAME,
-        metadata={"help": "Hub id or local path of the model; the default is the embedded tiny chat model."},
-    )
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet file; default: embedded."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
-    dataset_test_split: str | None = field(default="test", metadata={"help": "Evaluation split, if it exists."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target modules."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base model in 4-bit NF4."})
+class ParsedArguments:
+    """A recipe's command line (and YAML config file), parsed."""
+
+    script: ScriptArguments
+    config: object  # the algorithm's Config
+    model: ModelConfig
+    dataset_mixture: DatasetMixtureConfig
+    extra: tuple  # instances of the recipe's own dataclasses (e.g. the RLHF pipeline's), in the order given
+    embedded: bool  # no model named: the embedded tiny model and the recipe's embedded defaults
 
 
-def load_data(script_args: ScriptArguments, default_dataset: str):
-    """`(train, eval or None)`: the named dataset's splits, or the embedded default's train/test."""
-    if script_args.dataset_name is None:
+def config_path(argv: list[str]) -> str | None:
+    """The YAML file named by `--config FILE` / `--config=FILE` in `argv`, if any."""
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _with_separate_config_flag(argv: list[str]) -> list[str]:
+    # TrlParser finds the config file only as two items, `--config FILE`.
+    out = []
+    for arg in argv:
+        out += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    return out
+
+
+def argument_parser(config_class, output_dir: str, default_dataset: str, extra_dataclasses=(),
+                    embedded_defaults: dict | None = None) -> TrlParser:
+    """TRL's parser over TRL's `ScriptArguments`, `config_class`, `ModelConfig`, `DatasetMixtureConfig` and
+    `extra_dataclasses`, with the defaults that will actually be used shown in `--help`: the embedded tiny model and
+    dataset, the recipe's `output_dir` and, when given, `embedded_defaults` (the recipe's values for that model)."""
+    parser = TrlParser((ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig, *extra_dataclasses))
+    parser.set_defaults(model_name_or_path=defaults.DEFAULT_MODEL_NAME, output_dir=output_dir,
+                        **(embedded_defaults or {}))
+    helps = {
+        "model_name_or_path": f"Hub id or local path of the model; {defaults.DEFAULT_MODEL_NAME} is the embedded "
+                              "tiny chat model (built offline, random weights).",
+        # argparse would add "(default: None)": say what None means.
+        "dataset_name": "Hub id, or local .json/.jsonl/.parquet/.csv file, of the dataset; %(default)s: the embedded "
+                        f"{default_dataset!r} dataset. A `datasets:` mixture in the config file takes precedence.",
+    }
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+    return parser
+
+
+def _usage_error(parser: TrlParser, unknown: list[str], source: str) -> None:
+    """Exits with status 2 naming the unknown flags in `unknown` (from `source`), each with its closest valid flag."""
+    valid = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    named = []
+    for item in unknown:
+        if not item.startswith("-"):
+            continue  # a value of an unknown flag
+        flag = item.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, valid, n=1)
+        named.append(flag + (f" (did you mean {close[0]}?)" if close else ""))
+    parser.error(f"unrecognized arguments {source}: {', '.join(named or unknown)}")
+
+
+def parse_arguments(config_class, argv: list[str], embedded_defaults: dict, output_dir: str, default_dataset: str,
+                    *, extra_dataclasses=(), config_sections=()) -> ParsedArguments:
+    """Parses `argv` (with its `--config FILE.yaml`, whose `env:` block is exported) as TRL's scripts do.
+    `embedded_defaults` apply when no model is named (on the command line or in the file), below the file's values
+    and the command line's. Unknown flags or file keys, and invalid values, exit with status 2 (argparse's usage
+    error), the unknown ones with the closest valid flag. `config_sections`: top-level keys of the file that the
+    caller reads itself (the RLHF pipeline's `sft:` / `reward:` stage settings)."""
+    argv = _with_separate_config_flag(list(argv))
+    # First pass (never --help): is a model named? Only then do the embedded defaults stay out of the way.
+    probe = argument_parser(config_class, output_dir, default_dataset, extra_dataclasses)
+    probe_argv = [arg for arg in argv if arg not in ("-h", "--help")]
+    try:
+        probed = probe.parse_args_and_config(probe_argv, return_remaining_strings=True)
+    except (OSError, ValueError) as error:
+        probe.error(str(error))
+    embedded = defaults.is_default_model_name(probed[2].model_name_or_path)
+    parser = argument_parser(config_class, output_dir, default_dataset, extra_dataclasses,
+                             embedded_defaults if embedded else None)
+    try:
+        *parsed, from_file, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    sections = {f"--{name}" for name in config_sections}
+    from_file = [item for index, item in enumerate(from_file)
+                 if item not in sections and not (index and from_file[index - 1] in sections)]
+    if from_file:
+        _usage_error(parser, from_file, f"in {config_path(argv)}")
+    if from_command_line:
+        _usage_error(parser, from_command_line, "on the command line")
+    script, config, model, mixture, *extra = parsed
+    return ParsedArguments(script, config, model, mixture, tuple(extra), embedded)
+
+
+def load_data(script_args: ScriptArguments, default_dataset: str, dataset_mixture: DatasetMixtureConfig | None = None):
+    """`(train, eval or None)`: the splits of the `datasets:` mixture (TRL's `get_dataset`) if one is given, else of
+    the named dataset (a Hub id or a local .json/.jsonl/.parquet/.csv file), else the embedded default's train/test."""
+    if dataset_mixture is not None and dataset_mixture.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.")
+        loaded = get_dataset(dataset_mixture)
+    elif script_args.dataset_name is None:
         return defaults.load_default_dataset(default_dataset, "train"), defaults.load_default_dataset(
             default_dataset, "test"
         )
-    name = script_args.dataset_name
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if os.path.isfile(name):
-        loaded = datasets.load_dataset({"jsonl": "json"}.get(extension, extension), data_files=name)
     else:
-        loaded = datasets.load_dataset(name, script_args.dataset_config)
+        name = script_args.dataset_name
+        extension = os.path.splitext(name)[1].lstrip(".")
+        if os.path.isfile(name):
+            loaded = datasets.load_dataset({"jsonl": "json"}.get(extension, extension), data_files=name)
+        else:
+            loaded = datasets.load_dataset(name, script_args.dataset_config,
+                                           streaming=getattr(script_args, "dataset_streaming", False))
     test_split = script_args.dataset_test_split
     return loaded[script_args.dataset_train_split], loaded[test_split] if test_split in loaded else None
 
 
-def peft_arguments(script_args: ScriptArguments) -> dict:
-    """`peft_config` and `quantization_config` for the trainer from the LoRA / QLoRA flags."""
-    if not (script_args.use_peft or script_args.load_in_4bit):
-        return {}
-    import torch
-    from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
+def model_init_kwargs(model_args: ModelConfig) -> dict:
+    """The `from_pretrained` arguments of `ModelConfig` that were set (TRL's defaults, e.g. dtype float32, are left
+    out so that hf_align's own choices, such as its precision selection, stay in force)."""
+    kwargs = {}
+    if model_args.model_revision not in (None, "main"):
+        kwargs["revision"] = model_args.model_revision
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.dtype not in (None, "float32"):
+        kwargs["dtype"] = model_args.dtype
+    return kwargs
 
-    out = {
-        "peft_config": LoraConfig(
-            r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
-            target_modules=script_args.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
-        )
-    }
-    if script_args.load_in_4bit:
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        out["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-        )
+
+def peft_arguments(model_args: ModelConfig) -> dict:
+    """`peft_config` and `quantization_config` for the trainer from `ModelConfig`'s LoRA / QLoRA fields. LoRA targets
+    every linear layer unless `lora_target_modules` / `lora_target_parameters` say otherwise."""
+    out = {}
+    if model_args.use_peft or model_args.load_in_4bit or model_args.load_in_8bit:
+        from trl import get_peft_config
+
+        peft_config = get_peft_config(dataclasses.replace(model_args, use_peft=True))  # QLoRA implies LoRA
+        if model_args.lora_target_modules is None and model_args.lora_target_parameters is None:
+            peft_config.target_modules = "all-linear"
+        out["peft_config"] = peft_config
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if model_args.load_in_8bit:
+            out["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            # The compute dtype follows the hardware unless a dtype is given: bf16 is ~27x slower than fp32 on a CPU.
+            compute_dtype = model_args.dtype if model_args.dtype not in (None, "float32", "auto") else (
+                torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+            out["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type, bnb_4bit_compute_dtype=compute_dtype,
+                bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+                bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+            )
     return out
 
 
@@ -103,30 +212,33 @@ def plot_metrics(log_history: list[dict], path: str) -> str | None:
     return path
 
 
-def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list[str] | None = None,
-        trainer_kwargs=None):
-    """Runs an example: `trainer_class` with its `config_class`, on `default_dataset` (an embedded dataset name)
-    unless `--dataset_name` is given. `embedded_defaults` are Config values for the embedded tiny model (a higher
-    learning rate, a few hundred steps); they apply only to that model and only to fields not given on the command
-    line. `trainer_kwargs(train_dataset) -> dict`: further constructor arguments (e.g. the online trainers'
-    `reward_funcs`, see `verifier_rewards`). Returns the trained trainer."""
-    argv = sys.argv[1:] if argv is None else argv
-    config_class = trainer_class.config_class
-    parser = HfArgumentParser((ScriptArguments, config_class))
-    parser.set_defaults(output_dir=f"outputs/{trainer_class.algorithm.lower()}")
-    script_args, _ = parser.parse_args_into_dataclasses(args=argv)
-    if defaults.is_default_model_name(script_args.model_name_or_path):
-        parser.set_defaults(**embedded_defaults)  # flags given on the command line still win
-    script_args, config = parser.parse_args_into_dataclasses(args=argv)
-    train_dataset, eval_dataset = load_data(script_args, default_dataset)
+def train(trainer_class, arguments: ParsedArguments, default_dataset: str, model: str | None = None,
+          trainer_kwargs=None):
+    """Trains `trainer_class` as `arguments` say, on `default_dataset` (an embedded dataset name) unless a dataset is
+    named, from `model` if given (a warm start or an earlier stage's output) else the named model. Resumes from
+    `--resume_from_checkpoint` (a checkpoint folder). `trainer_kwargs(train_dataset) -> dict`: further constructor
+    arguments (e.g. the online trainers' `reward_funcs`, see `verifier_rewards`). Saves the model, its card and
+    training_metrics.png to `output_dir`, pushes to the Hub if asked; returns the trained trainer."""
+    script_args, config, model_args = arguments.script, arguments.config, arguments.model
+    train_dataset, eval_dataset = load_data(script_args, default_dataset, arguments.dataset_mixture)
     if config.eval_strategy == "no":
         eval_dataset = None
+    init_kwargs = model_init_kwargs(model_args)
+    if init_kwargs:
+        config.model_init_kwargs = {**init_kwargs, **(config.model_init_kwargs or {})}
     extra = trainer_kwargs(train_dataset) if trainer_kwargs is not None else {}
     trainer = trainer_class(
-        script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        **peft_arguments(script_args), **extra,
+        model or model_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        **peft_arguments(model_args), **extra,
     )
-    trainer.train()
+    if script_args.ignore_bias_buffers:
+        import torch
+
+        # DDP cannot broadcast boolean buffers (transformers issue 22482): leave them out of its synchronisation.
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         trainer.create_model_card(dataset_name=script_args.dataset_name)
@@ -137,10 +249,18 @@ def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list
     return trainer
 
 
-def check_arguments(trainer_class, argv: list[str]) -> None:
-    """Parses `argv` as `run` will, so that `--help` or a bad flag answers at once, before any preparatory training
-    (the warm starts of the SPIN and RLVR examples)."""
-    HfArgumentParser((ScriptArguments, trainer_class.config_class)).parse_args_into_dataclasses(args=argv)
+def run(trainer_class, default_dataset: str, embedded_defaults: dict, argv: list[str] | None = None,
+        trainer_kwargs=None, start_model=None):
+    """Parses `argv` (`parse_arguments`) and trains (`train`). `embedded_defaults` are Config values for the embedded
+    tiny model (a higher learning rate, a few hundred steps); they apply only when no model is named, below the
+    config file's values and the command line's. `start_model() -> path`: with no model named, builds the model to
+    train in place of the embedded tiny one (a warm start), after the arguments parse (so that --help or a bad flag
+    answers at once). Returns the trained trainer."""
+    argv = sys.argv[1:] if argv is None else argv
+    arguments = parse_arguments(trainer_class.config_class, argv, embedded_defaults,
+                                f"outputs/{trainer_class.algorithm.lower()}", default_dataset)
+    model = start_model() if arguments.embedded and start_model is not None else None
+    return train(trainer_class, arguments, default_dataset, model, trainer_kwargs)
 
 
 def verifier_rewards(dataset) -> dict:
@@ -205,32 +325,31 @@ RLVR_DATASET = "comparisons"
 
 
 def run_rlvr(trainer_class, embedded_defaults: dict, argv: list[str] | None = None, extra_reward_funcs=()):
-    """Runs an online trainer's example with a verifier as the reward (`verifier_rewards`), followed by
-    `extra_reward_funcs` (e.g. a format reward, for trainers that combine several). With no
-    `--model_name_or_path`, on the embedded verifiable task: the tiny model, whose weights are random, is first
-    fine-tuned on the training questions (`sft_warm_start`, kept in outputs/rlvr-sft-start), `embedded_defaults` are
-    applied, and the held-out accuracy before and after training is printed. Returns the trained trainer."""
-    argv = sys.argv[1:] if argv is None else argv
-    check_arguments(trainer_class, argv)  # before the warm start trains anything
-    embedded = not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
-    if embedded:
+    """Runs an online trainer with a verifier as the reward (`verifier_rewards`), followed by `extra_reward_funcs`
+    (e.g. a format reward, for trainers that combine several). With no model named, on the embedded verifiable task:
+    the tiny model, whose weights are random, is first fine-tuned on the training questions (`sft_warm_start`, kept
+    in outputs/rlvr-sft-start), `embedded_defaults` apply, and the held-out accuracy before and after training is
+    printed. Returns the trained trainer."""
+    held_out = {}
+
+    def warm_start() -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         start = sft_warm_start(RLVR_DATASET, "outputs/rlvr-sft-start", learning_rate=2e-3, num_train_epochs=5)
-        tokenizer = AutoTokenizer.from_pretrained(start)
         test = defaults.load_default_dataset(RLVR_DATASET, "test")
         verifier = verifier_rewards(test)["reward_funcs"][0]
+        tokenizer = AutoTokenizer.from_pretrained(start)
         before = verifier_accuracy(AutoModelForCausalLM.from_pretrained(start), tokenizer, test, verifier)
-        # The embedded defaults, as flags: the warm-started model is a local folder, not the default's name.
-        argv = ["--model_name_or_path", start, *[f"--{key}={value}" for key, value in embedded_defaults.items()],
-                *argv]
+        held_out.update(test=test, verifier=verifier, tokenizer=tokenizer, before=before)
+        return start
+
     def rewards(dataset) -> dict:
         return {"reward_funcs": [*verifier_rewards(dataset)["reward_funcs"], *extra_reward_funcs]}
 
-    trainer = run(trainer_class, RLVR_DATASET, embedded_defaults, argv, trainer_kwargs=rewards)
-    if embedded and trainer.is_world_process_zero():
-        after = verifier_accuracy(trainer.model, tokenizer, test, verifier)
-        print(f"Held-out accuracy (4 samples per question, temperature 1): {before:.1%} before "
+    trainer = run(trainer_class, RLVR_DATASET, embedded_defaults, argv, trainer_kwargs=rewards,
+                  start_model=warm_start)
+    if held_out and trainer.is_world_process_zero():
+        after = verifier_accuracy(trainer.model, held_out["tokenizer"], held_out["test"], held_out["verifier"])
+        print(f"Held-out accuracy (4 samples per question, temperature 1): {held_out['before']:.1%} before "
               f"{trainer.algorithm}, {after:.1%} after")
     return trainer
-

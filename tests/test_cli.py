@@ -1,5 +1,6 @@
-"""The `hf-align` command (hf_align.cli): every subcommand, YAML config files, the console-script entry point, and the
-accelerate config files in examples/accelerate_configs/."""
+"""The `hf-align` command (hf_align.cli): every subcommand, TRL-style YAML config files, usage errors, resuming, the
+console-script entry point, launching through accelerate, and the accelerate config files in
+hf_align/accelerate_configs/."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 import yaml
 
 from hf_align import cli
+from hf_align.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = REPO / "examples" / "accelerate_configs"
+ACCELERATE_CONFIGS = REPO / "hf_align" / "accelerate_configs"
 FAST = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
 
 
@@ -26,19 +28,23 @@ def saved_args(output_dir: Path):
     return torch.load(output_dir / "training_args.bin", weights_only=False)
 
 
-def test_every_algorithm_has_its_example():
-    assert set(cli.ALGORITHMS) == {
+ALGORITHMS = sorted(RECIPES)
+
+
+def test_every_algorithm_has_its_recipe_and_a_thin_example():
+    assert set(RECIPES) == {
         "sft", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "step_dpo", "gdpo", "spin", "grpo", "rloo", "remax",
         "reinforce", "reinforce_pp", "decoupled_gdpo", "online_dpo", "ppo", "trpo",
     }
-    for algorithm in cli.ALGORITHMS:
-        assert cli.example_path(algorithm).is_file()
+    for algorithm in RECIPES:
+        example = (REPO / "examples" / f"{algorithm}.py").read_text()
+        assert f'run_recipe("{algorithm}", argv)' in example
 
 
 def test_help_lists_algorithms_and_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in [*cli.ALGORITHMS, "recommend", "env", "eval"]:
+    for name in [*ALGORITHMS, "recommend", "env", "eval"]:
         assert f"\n  {name} " in out
     assert cli.main([]) == 0  # no arguments: the same help
 
@@ -51,7 +57,7 @@ def test_algorithm_help_lists_its_flags(capsys):
         assert flag in out
 
 
-@pytest.mark.parametrize("algorithm", sorted(cli.ALGORITHMS))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_answers_help_without_training(algorithm, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main([algorithm, "--help"]) == 0
@@ -122,7 +128,7 @@ def test_dpo_with_no_model_or_dataset_trains_on_the_embedded_default(tmp_path, m
     assert (out_dir / "model.safetensors").is_file()
     assert "DPO" in (out_dir / "README.md").read_text()
     args = saved_args(out_dir)
-    assert args.learning_rate == 5e-4 and args.per_device_train_batch_size == 8  # examples/dpo.py's embedded defaults
+    assert args.learning_rate == 5e-4 and args.per_device_train_batch_size == 8  # the dpo recipe's embedded defaults
     assert args.max_steps == 2 and args.precision == ("bf16" if torch.cuda.is_available() else "fp32")
     assert "Saved model, model card" in capsys.readouterr().out
 
@@ -141,17 +147,30 @@ def test_yaml_config_sets_fields_and_command_line_flags_win(tmp_path, monkeypatc
     assert args.max_steps == 1 and args.desirable_weight == 1.2  # the command line wins over the file
 
 
-def test_yaml_flags_for_lists_mappings_and_ppo_stages(tmp_path):
-    config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump({
-        "use_peft": True, "lora_target_modules": ["q_proj", "v_proj"], "model_init_kwargs": {"dtype": "float32"},
-        "dataset_config": None, "sft": {"learning_rate": 2e-5}, "reward": {"num_train_epochs": 1},
-    }, sort_keys=False))
-    flags = cli.expand_config(["--beta", "0.1", f"--config={config}"], "ppo")
-    assert flags == ["--use_peft=true", "--lora_target_modules", "q_proj", "v_proj",
-                     '--model_init_kwargs={"dtype": "float32"}', "--sft.learning_rate=2e-05",
-                     "--reward.num_train_epochs=1", "--beta", "0.1"]
+def test_missing_or_invalid_config_file_is_a_usage_error(tmp_path, capsys):
     assert cli.main(["dpo", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    assert cli.main(["dpo", f"--config={bad}"]) == 2
+    assert "must contain a YAML mapping" in capsys.readouterr().err
+
+
+def test_unknown_flags_are_usage_errors_with_suggestions(tmp_path, monkeypatch):
+    """Exit status 2, the closest valid flag, no traceback: through the console script, as a user sees it."""
+    monkeypatch.chdir(tmp_path)
+    result = subprocess.run([*console_script(), "dpo", "--bta", "0.1", "--lerning_rate=1e-3"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--bta (did you mean --beta?)" in result.stderr
+    assert "--lerning_rate (did you mean --learning_rate?)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
+    config = tmp_path / "typo.yaml"
+    config.write_text("num_train_epoch: 1\n")
+    result = subprocess.run([*console_script(), "dpo", "--config", str(config)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"in {config}: --num_train_epoch (did you mean --num_train_epochs?)" in result.stderr
 
 
 def test_online_algorithm_through_the_cli(tmp_path, monkeypatch, tiny_model_path):
@@ -166,10 +185,13 @@ def test_online_algorithm_through_the_cli(tmp_path, monkeypatch, tiny_model_path
     assert not (tmp_path / "outputs" / "rlvr-sft-start").exists()  # a named model skips the embedded warm start
 
 
-def test_console_script_entry_point():
+def console_script() -> list[str]:
     script = shutil.which("hf-align")
-    command = [script] if script else [sys.executable, "-m", "hf_align.cli"]
-    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
+    return [script] if script else [sys.executable, "-m", "hf_align.cli"]
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([*console_script(), "--help"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: hf-align <algorithm>") and "decoupled_gdpo" in result.stdout
@@ -185,7 +207,7 @@ def test_accelerate_configs_parse(name, kind):
     assert config["distributed_type"] == kind
     assert isinstance(config["num_processes"], int) and config["num_processes"] >= 2
     header = text.split("\ncompute_environment")[0]
-    assert f"accelerate launch --config_file examples/accelerate_configs/{name}" in header
+    assert f"accelerate launch --config_file hf_align/accelerate_configs/{name}" in header
     if kind == "DEEPSPEED":  # run on the CPU by the tests
         assert "tests/test_deepspeed.py" in header
     else:

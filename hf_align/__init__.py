@@ -1,67 +1,83 @@
-"""hf_align: LLM alignment trainers as `transformers.Trainer` subclasses, drop-in for TRL's."""
+"""hf_align: LLM alignment trainers as `transformers.Trainer` subclasses, drop-in for TRL's.
 
-from .config import AlignConfig
-from .data import DataError
-from .evaluate import EvaluationCallback
-from .trainer import AlignTrainer
-from .preference import DataCollatorForPreference
-from .trainers.dpo import DPOConfig, DPOTrainer
-from .trainers.grpo import GRPOConfig, GRPOTrainer
-from .trainers.rloo import RLOOConfig, RLOOTrainer
-from .trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
-from .trainers.remax import ReMaxConfig, ReMaxTrainer
-from .trainers.reinforce import ReinforceConfig, ReinforcePPConfig, ReinforcePPTrainer, ReinforceTrainer
-from .trainers.decoupled_gdpo import GDPOConfig, GDPOTrainer
-from .trainers.ppo import PPOConfig, PPOTrainer
-from .trainers.trpo import TRPOConfig, TRPOTrainer
-from .trainers.gdpo import DataCollatorForBeliefPreference, DistributionalGDPOConfig, DistributionalGDPOTrainer
-from .trainers.ipo import IPOConfig, IPOTrainer
-from .trainers.kto import DataCollatorForUnpairedPreference, KTOConfig, KTOTrainer
-from .trainers.reward import DataCollatorForRewardPairs, RewardConfig, RewardTrainer
-from .trainers.sft import DataCollatorForLanguageModeling, SFTConfig, SFTTrainer
-from .trainers.cpo import CPOConfig, CPOTrainer
-from .trainers.orpo import ORPOConfig, ORPOTrainer
-from .trainers.simpo import SimPOConfig, SimPOTrainer
-from .trainers.spin import SPINConfig, SPINTrainer
-from .trainers.step_dpo import StepDPOConfig, StepDPOTrainer
+The public names are imported on first access (PEP 562 `__getattr__`): `import hf_align` and `hf-align --help` stay
+fast and print nothing, while `from hf_align import DPOTrainer` imports torch, transformers and the DPO trainer only
+then. The advisor is lazy for a second reason: `python -m hf_align.advisor` must run it once (as __main__).
+"""
 
+from __future__ import annotations
+
+import importlib
+
+# The single source of the version: setup.cfg reads it (`version = attr: hf_align.__version__`) without importing
+# the package, so this stays a literal.
 __version__ = "0.1.0"
 
-__all__ = [
-    "AlignConfig",
-    "Recommendation", "recommend",
-    "AlignTrainer",
-    "DataCollatorForPreference",
-    "DataError",
-    "EvaluationCallback",
-    "DPOConfig",
-    "DPOTrainer",
-    "DataCollatorForBeliefPreference", "DistributionalGDPOConfig", "DistributionalGDPOTrainer",
-    "GRPOConfig", "GRPOTrainer",
-    "RLOOConfig", "RLOOTrainer",
-    "OnlineDPOConfig", "OnlineDPOTrainer",
-    "ReMaxConfig", "ReMaxTrainer",
-    "ReinforceConfig", "ReinforceTrainer", "ReinforcePPConfig", "ReinforcePPTrainer",
-    "GDPOConfig", "GDPOTrainer",
-    "PPOConfig", "PPOTrainer",
-    "TRPOConfig", "TRPOTrainer",
-    "IPOConfig",
-    "IPOTrainer",
-    "DataCollatorForUnpairedPreference", "KTOConfig", "KTOTrainer",
-    "DataCollatorForRewardPairs", "RewardConfig", "RewardTrainer",
-    "DataCollatorForLanguageModeling", "SFTConfig", "SFTTrainer",
-    "CPOConfig", "CPOTrainer",
-    "ORPOConfig", "ORPOTrainer",
-    "SimPOConfig", "SimPOTrainer",
-    "SPINConfig", "SPINTrainer",
-    "StepDPOConfig", "StepDPOTrainer",
-]
+# Public name -> the submodule (relative to hf_align) that defines it.
+_PUBLIC_NAMES = {
+    "AlignConfig": ".config",
+    "DataError": ".data",
+    "EvaluationCallback": ".evaluate",
+    "AlignTrainer": ".trainer",
+    "DataCollatorForPreference": ".preference",
+    "Recommendation": ".advisor",
+    "recommend": ".advisor",
+    "DPOConfig": ".trainers.dpo",
+    "DPOTrainer": ".trainers.dpo",
+    "GRPOConfig": ".trainers.grpo",
+    "GRPOTrainer": ".trainers.grpo",
+    "RLOOConfig": ".trainers.rloo",
+    "RLOOTrainer": ".trainers.rloo",
+    "OnlineDPOConfig": ".trainers.online_dpo",
+    "OnlineDPOTrainer": ".trainers.online_dpo",
+    "ReMaxConfig": ".trainers.remax",
+    "ReMaxTrainer": ".trainers.remax",
+    "ReinforceConfig": ".trainers.reinforce",
+    "ReinforceTrainer": ".trainers.reinforce",
+    "ReinforcePPConfig": ".trainers.reinforce",
+    "ReinforcePPTrainer": ".trainers.reinforce",
+    "GDPOConfig": ".trainers.decoupled_gdpo",
+    "GDPOTrainer": ".trainers.decoupled_gdpo",
+    "PPOConfig": ".trainers.ppo",
+    "PPOTrainer": ".trainers.ppo",
+    "TRPOConfig": ".trainers.trpo",
+    "TRPOTrainer": ".trainers.trpo",
+    "DataCollatorForBeliefPreference": ".trainers.gdpo",
+    "DistributionalGDPOConfig": ".trainers.gdpo",
+    "DistributionalGDPOTrainer": ".trainers.gdpo",
+    "IPOConfig": ".trainers.ipo",
+    "IPOTrainer": ".trainers.ipo",
+    "DataCollatorForUnpairedPreference": ".trainers.kto",
+    "KTOConfig": ".trainers.kto",
+    "KTOTrainer": ".trainers.kto",
+    "DataCollatorForRewardPairs": ".trainers.reward",
+    "RewardConfig": ".trainers.reward",
+    "RewardTrainer": ".trainers.reward",
+    "DataCollatorForLanguageModeling": ".trainers.sft",
+    "SFTConfig": ".trainers.sft",
+    "SFTTrainer": ".trainers.sft",
+    "CPOConfig": ".trainers.cpo",
+    "CPOTrainer": ".trainers.cpo",
+    "ORPOConfig": ".trainers.orpo",
+    "ORPOTrainer": ".trainers.orpo",
+    "SimPOConfig": ".trainers.simpo",
+    "SimPOTrainer": ".trainers.simpo",
+    "SPINConfig": ".trainers.spin",
+    "SPINTrainer": ".trainers.spin",
+    "StepDPOConfig": ".trainers.step_dpo",
+    "StepDPOTrainer": ".trainers.step_dpo",
+}
+
+__all__ = list(_PUBLIC_NAMES)
 
 
 def __getattr__(name: str):
-    # The advisor is imported on first use, so that `python -m hf_align.advisor` runs it once (as __main__).
-    if name in ("Recommendation", "recommend"):
-        from . import advisor
+    if name not in _PUBLIC_NAMES:
+        raise AttributeError(f"module 'hf_align' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC_NAMES[name], __name__), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
 
-        return getattr(advisor, name)
-    raise AttributeError(f"module 'hf_align' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC_NAMES))

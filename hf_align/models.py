@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
-from peft import PeftModel, PeftType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import defaults
+from .optional import import_optional
+
+
+def _is_peft_model_instance(model) -> bool:
+    # peft is optional and takes seconds to import: a model can only be a PeftModel once peft has been imported.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def is_peft_model(model) -> bool:
-    return isinstance(unwrap_wrappers(model), PeftModel)
+    return _is_peft_model_instance(unwrap_wrappers(model))
 
 
 def unwrap_wrappers(model):
@@ -27,7 +34,7 @@ def unwrap_wrappers(model):
 def unwrap_causal_lm(model) -> PreTrainedModel:
     """The `PreTrainedModel` inside any DDP / peft wrapping (its LoRA layers stay in place)."""
     model = unwrap_wrappers(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if _is_peft_model_instance(model) else model
 
 
 def resolve_model_name(name: str, auto_class=AutoModelForCausalLM) -> str:
@@ -42,6 +49,8 @@ def load_model(name: str, args, auto_class=AutoModelForCausalLM, **overrides) ->
     """Loads `name` with `args.model_init_kwargs`; weights in fp32 unless the user picks a dtype (mixed precision
     autocasts), safetensors only, and remote code only when `args.trust_remote_code` is set."""
     kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {}), **overrides}
+    if getattr(kwargs.get("quantization_config"), "quant_method", None) == "bitsandbytes":
+        import_optional("bitsandbytes", "quantization", "Loading a model with a BitsAndBytesConfig")
     if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
@@ -132,6 +141,7 @@ def apply_peft(model: PreTrainedModel, peft_config, args, trainable_tokens=()):
     `trainable_tokens`: ids whose embeddings train too (tokens a cloned chat template added), as TRL does."""
     if peft_config is None:
         return model
+    peft = import_optional("peft", "peft", "Training with a `peft_config`")
     if trainable_tokens:
         peft_config = copy.copy(peft_config)
         indices = peft_config.trainable_token_indices or {}
@@ -139,22 +149,20 @@ def apply_peft(model: PreTrainedModel, peft_config, args, trainable_tokens=()):
         indices = dict(indices) if isinstance(indices, dict) else {"embed_tokens": list(indices)}
         indices["embed_tokens"] = [*indices.get("embed_tokens", []), *trainable_tokens]
         peft_config.trainable_token_indices = indices
-    if isinstance(model, PeftModel):
+    if isinstance(model, peft.PeftModel):
         raise ValueError(
             "`model` is already a PeftModel and a `peft_config` was given too: merge the existing adapter first, or "
             "pass the PeftModel without `peft_config` to keep training its adapter."
         )
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
+        model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=args.gradient_checkpointing,
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         )
     elif args.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    return peft.get_peft_model(model, peft_config)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -183,6 +191,8 @@ def adapter_is_identity(peft_model) -> bool:
     """Whether the active adapter of `peft_model` leaves the base model's outputs unchanged: a plain LoRA adapter
     (no DoRA) whose B matrices are all zero, as `get_peft_model` makes one by default. Anything else may not be."""
     config = peft_model.peft_config[peft_model.active_adapter]
+    from peft import PeftType  # a peft model is given: peft is installed
+
     if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
         return False
     marker = f".{peft_model.active_adapter}."

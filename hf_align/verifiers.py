@@ -73,8 +73,8 @@ class _MathAnswerReward:
             from latex2sympy2_extended import NormalizationConfig
             from math_verify import LatexExtractionConfig, parse, verify
         except ImportError as error:
-            raise ImportError(f"The reward function '{self.__name__}' needs math-verify: pip install math-verify"
-                              ) from error
+            raise ImportError(f"The reward function '{self.__name__}' needs math-verify, which is not installed: "
+                              'pip install "hf_align[math]"') from error
         golds = _column(kwargs, self.answer_column, self.__name__)
         # math_verify times out with signal.alarm, which only the main thread may use (as in TRL).
         main_thread = threading.current_thread() is threading.main_thread()

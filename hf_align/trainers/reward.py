@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 
 from .. import data, losses, models
@@ -176,7 +175,11 @@ class RewardTrainer(AlignTrainer):
 def _sequence_classification_adapter(peft_config):
     """`peft_config` with task type SEQ_CLS (a copy when it had another), so that peft adds the classifier head to
     the trained `modules_to_save`; a CAUSAL_LM adapter would leave the new, random head frozen."""
-    if peft_config is None or peft_config.task_type == TaskType.SEQ_CLS:
+    if peft_config is None:
+        return peft_config
+    from peft import TaskType  # a `peft_config` is given: peft is installed
+
+    if peft_config.task_type == TaskType.SEQ_CLS:
         return peft_config
     if peft_config.task_type is not None:
         logger.warning(

@@ -388,26 +388,100 @@ class AlignTrainer(Trainer):
         return dataset
 
     # -- model card ------------------------------------------------------------------------------------------------
+    # hf_align's BibTeX entry, cited in every model card next to the algorithm's paper.
+    library_citation = (
+        "@software{hf_align,\n"
+        "  title   = {{hf\\_align: LLM alignment trainers as transformers.Trainer subclasses}},\n"
+        "  author  = {{hf\\_align contributors}},\n"
+        "  license = {Apache-2.0},\n"
+        "  year    = {2026}\n"
+        "}"
+    )
+
     @property
     def tags(self) -> list[str]:
         return ["hf_align", self.algorithm.lower()]
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **_):
-        """Writes README.md to `output_dir`: base model, algorithm, paper citation, hyper-parameters, versions.
-        Never includes tokens or the full TrainingArguments."""
+        """Writes README.md to `output_dir` in the shape of TRL's model cards: a quick start that loads the result
+        (a text-generation pipeline; a text-classification one for a reward model), the training procedure (trainer,
+        paper, key hyper-parameters, the W&B / trackio run when one was logged to), framework versions and
+        citations. Never includes tokens or the full TrainingArguments."""
+        import sys  # only to find tracker modules already imported: importing one here would start nothing
+
         if not self.is_world_process_zero():
             return
         # Only a Hub id names a base model: local paths and the embedded default do not exist there.
         base_model = self.model_name
         if not base_model or os.path.isdir(base_model) or defaults.is_default_model_name(base_model):
             base_model = None
-        card_tags = list(dict.fromkeys([*(tags or []), *self.tags, "trl-compatible"]))
-        data = ModelCardData(
-            base_model=base_model, library_name="transformers", tags=card_tags,
-            datasets=[dataset_name] if dataset_name else None, model_name=model_name,
-        )
+        trainer_name = type(self).__name__
         name = model_name or os.path.basename(os.path.abspath(self.args.output_dir))
+        model_id = self.args.hub_model_id or self.args.output_dir
+        peft_used = models.is_peft_model(self.model)
+        # A reward model (a sequence classifier) scores text; every other trainer's result generates it.
+        is_classifier = "ForSequenceClassification" in type(models.unwrap_causal_lm(self.model)).__name__
         paper = self.paper
+
+        wandb, trackio = sys.modules.get("wandb"), sys.modules.get("trackio")
+        wandb_url = wandb.run.url if wandb is not None and getattr(wandb, "run", None) is not None else None
+        trackio_run = trackio.context_vars.current_run.get() if trackio is not None else None
+        trackio_url = None
+        if trackio_run is not None and getattr(trackio_run, "_space_id", None):
+            # The Space's URL as TRL's `get_trackio_space_url` writes it.
+            trackio_url = (f"https://{trackio_run._space_id.replace('/', '-')}.hf.space?project={trackio_run.project}"
+                           f"&runs={trackio_run.name}&sidebar=collapsed")
+
+        card_tags = list(dict.fromkeys([*(tags or []), *self.tags, "trl-compatible"]))
+        if trackio_url:
+            card_tags.append(f"trackio:{trackio_url}")
+        data = ModelCardData(
+            base_model=base_model, library_name="peft" if peft_used else "transformers", tags=card_tags,
+            datasets=[dataset_name] if dataset_name else None, model_name=model_name,
+            pipeline_tag="text-classification" if is_classifier else "text-generation",
+        )
+
+        origin = f"a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})" if base_model \
+            else "a fine-tuned model"
+        lines = [
+            f"# Model Card for {name}",
+            "",
+            f"This model is {origin}"
+            + (f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if dataset_name
+               else "")
+            + f". It has been trained with **{trainer_name}** from hf_align ({self.algorithm}), a drop-in for "
+              "[TRL](https://github.com/huggingface/trl)'s trainers.",
+            "",
+            "## Quick start",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+        ]
+        if is_classifier:
+            lines += [
+                'text = "Question: What is the capital of France?\\nAnswer: Paris."',
+                f'reward_model = pipeline("text-classification", model="{model_id}", function_to_apply="none")',
+                'print(reward_model(text)[0]["score"])  # the reward: higher is preferred',
+            ]
+        else:
+            lines += [
+                'question = "If you had a time machine, but could only go to the past or the future once and never '
+                'return, which would you choose and why?"',
+                f'generator = pipeline("text-generation", model="{model_id}", device_map="auto")',
+                'output = generator([{"role": "user", "content": question}], max_new_tokens=128, '
+                'return_full_text=False)[0]',
+                'print(output["generated_text"])',
+            ]
+        lines += ["```", "", "## Training procedure", ""]
+        if wandb_url:
+            lines += [f"[Visualize in Weights & Biases]({wandb_url})", ""]
+        if trackio_url:
+            lines += [f"[Visualize in Trackio]({trackio_url})", ""]
+        method = f"This model was trained with {trainer_name} ({self.algorithm})"
+        if paper:
+            method += f", a method introduced in [{paper['title']}](https://arxiv.org/abs/{paper['id']})"
+        lines += [method + ".", "", "### Training hyper-parameters", ""]
         hyper = {
             "learning_rate": self.args.learning_rate,
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
@@ -415,30 +489,22 @@ class AlignTrainer(Trainer):
             "num_train_epochs": self.args.num_train_epochs,
             "max_steps": self.args.max_steps,
             "precision": self.args.precision,
+            "seed": self.args.seed,
             **self.card_hyperparameters(),
         }
-        lines = [
-            f"# {name}",
-            "",
-            f"This model was trained with **{type(self).__name__}** from "
-            f"hf_align ({self.algorithm})"
-            + (f", starting from `{base_model}`" if base_model else "")
-            + (f", on `{dataset_name}`" if dataset_name else "")
-            + ".",
-            "",
-        ]
-        if paper:
-            lines += [f"Method: *{paper['title']}* (arXiv [{paper['id']}](https://arxiv.org/abs/{paper['id']})).", ""]
-        lines += ["## Training hyper-parameters", ""]
         lines += [f"- {key}: {value}" for key, value in hyper.items()]
-        lines += ["", "## Framework versions", ""]
-        for package in ("hf_align", "transformers", "torch", "datasets", "peft", "trl"):
+        lines += ["", "### Framework versions", ""]
+        packages = ["hf_align", "trl", "transformers", "torch", "datasets", "tokenizers", *(["peft"] if peft_used else [])]
+        for package in packages:
             try:
                 lines.append(f"- {package}: {version(package.replace('_', '-'))}")
             except Exception:  # noqa: BLE001 - a package missing from metadata only leaves out one line
                 continue
+        lines += ["", "## Citations", ""]
         if paper.get("citation"):
-            lines += ["", "## Citation", "", "```bibtex", paper["citation"].strip(), "```"]
+            lines += [f"Cite {trainer_name} ({self.algorithm}) as:", "", "```bibtex", paper["citation"].strip(), "```",
+                      ""]
+        lines += ["Cite hf_align as:", "", "```bibtex", self.library_citation, "```"]
         card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))

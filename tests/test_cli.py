@@ -222,3 +222,58 @@ def test_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 
     assert ClusterConfig.from_yaml_file(str(ACCELERATE_CONFIGS / name)).num_processes == config["num_processes"]
+
+
+def test_resume_from_checkpoint_continues_where_the_run_stopped(tmp_path, monkeypatch):
+    """A run resumed from its step-2 checkpoint trains steps 3 and 4 only and ends with the uninterrupted run's
+    weights and losses."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    common = ["sft", "--max_steps", "4", "--lr_scheduler_type", "constant", "--logging_steps", "1",
+              "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "steps",
+              "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert cli.main([*common, "--output_dir", str(whole)]) == 0
+    assert cli.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(whole / "checkpoint-2")]) == 0
+    # Steps 1 and 2 were not trained again: a fresh run would have saved checkpoint-2 here.
+    assert sorted(path.name for path in resumed.glob("checkpoint-*")) == ["checkpoint-4"]
+
+    def losses(folder):
+        state = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())
+        return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+    assert [step for step, _ in losses(whole)] == [1, 2, 3, 4]
+    assert losses(resumed) == pytest.approx(losses(whole))
+    final, final_resumed = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name, weight in final.items():
+        torch.testing.assert_close(final_resumed[name], weight)
+
+
+@pytest.mark.parametrize("name, file", [("ddp", "ddp.yaml"), ("fsdp", "fsdp.yaml"), ("zero2", "deepspeed_zero2.yaml"),
+                                        ("zero3", "deepspeed_zero3.yaml")])
+def test_launch_command_uses_the_shipped_accelerate_config(name, file):
+    launch, rest = cli.split_launch_flags(["--num_processes", "4", "--beta", "0.1", f"--accelerate_config={name}"])
+    assert launch == {"num_processes": "4", "accelerate_config": name} and rest == ["--beta", "0.1"]
+    command = cli.launch_command("dpo", launch, rest)
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / file)]
+    assert command[5:] == ["--num_processes", "4", "-m", "hf_align.cli", "dpo", "--beta", "0.1"]
+
+
+def test_bad_launch_flags_are_usage_errors(capsys):
+    assert cli.main(["dpo", "--accelerate_config", "zero4"]) == 2
+    assert "--accelerate_config must be one of ddp, fsdp, zero2, zero3" in capsys.readouterr().err
+    assert cli.main(["dpo", "--num_processes", "two"]) == 2
+    assert "--num_processes must be a positive integer" in capsys.readouterr().err
+
+
+def test_two_processes_through_accelerate(tmp_path):
+    """`hf-align dpo --num_processes 2 --accelerate_config ddp`: DDP over gloo on this CPU, the model saved once."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [*console_script(), "dpo", "--num_processes", "2", "--accelerate_config", "ddp", "--max_steps", "2",
+         "--eval_strategy", "no", "--output_dir", str(out), *FAST],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    assert result.stdout.count("Saved model, model card") == 1  # rank 0 only

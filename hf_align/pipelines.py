@@ -183,6 +183,11 @@ def rlhf(recipe, argv: list[str]):
     arguments = scripts.parse_arguments(PPOConfig, ppo_argv, recipe.embedded_defaults, "outputs/ppo",
                                         recipe.default_dataset, extra_dataclasses=(PipelineArguments,), config_sections=STAGES)
     (pipeline,) = arguments.extra
+    # The stages' own flags are checked too before anything trains (the stages parse them again when they start).
+    scripts.parse_arguments(SFTTrainer.config_class, flags["sft"], SFT_EMBEDDED_DEFAULTS, pipeline.sft_output_dir,
+                            "sft")
+    scripts.parse_arguments(RewardTrainer.config_class, flags["reward"], REWARD_EMBEDDED_DEFAULTS,
+                            pipeline.reward_output_dir, "preference")
     sft_model = supervised_fine_tuning(pipeline, arguments, flags["sft"])
     reward_model, accuracy = reward_modelling(pipeline, arguments, flags["reward"], sft_model)
     prompts = pipeline.prompt_dataset_name or arguments.script.dataset_name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import datasets
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset
 
 from . import defaults
+from .optional import import_optional
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +191,7 @@ def peft_arguments(model_args: ModelConfig) -> dict:
 
 def plot_metrics(log_history: list[dict], path: str) -> str | None:
     """Saves a PNG with one panel per logged metric among `PLOTTED_METRICS`; returns its path."""
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "plot", "The training-curve plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -242,8 +243,13 @@ def train(trainer_class, arguments: ParsedArguments, default_dataset: str, model
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         trainer.create_model_card(dataset_name=script_args.dataset_name)
-        plot = plot_metrics(trainer.state.log_history, os.path.join(config.output_dir, "training_metrics.png"))
+        # The plot is optional (the `plot` extra): a run without matplotlib still saves its model.
+        can_plot = importlib.util.find_spec("matplotlib") is not None
+        plot = plot_metrics(trainer.state.log_history, os.path.join(config.output_dir, "training_metrics.png")) \
+            if can_plot else None
         print(f"Saved model, model card{' and ' + plot if plot else ''} to {config.output_dir}")
+        if not can_plot:
+            print('No training_metrics.png: the plot needs matplotlib, pip install "hf_align[plot]"')
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

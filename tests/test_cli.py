@@ -277,3 +277,14 @@ def test_two_processes_through_accelerate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
     assert result.stdout.count("Saved model, model card") == 1  # rank 0 only
+
+
+def test_ppo_checks_every_stage_flag_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({"beta": 0.1, "sft": {"learning_rate": 2e-5}, "reward": {"num_train_epoks": 1}}))
+    assert cli.main(["ppo", "--config", str(config)]) == 2
+    assert "--num_train_epoks (did you mean --num_train_epochs?)" in capsys.readouterr().err
+    assert cli.main(["ppo", "--sft.lerning_rate=1e-5"]) == 2
+    assert "--lerning_rate (did you mean --learning_rate?)" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()

@@ -181,7 +181,8 @@ def rlhf(recipe, argv: list[str]):
     file. Every flag is checked before the first stage starts. Returns the PPO trainer."""
     flags, ppo_argv = stage_flags(argv)
     arguments = scripts.parse_arguments(PPOConfig, ppo_argv, recipe.embedded_defaults, "outputs/ppo",
-                                        recipe.default_dataset, extra_dataclasses=(PipelineArguments,), config_sections=STAGES)
+                                        recipe.default_dataset, extra_dataclasses=(PipelineArguments,),
+                                        config_sections=STAGES)
     (pipeline,) = arguments.extra
     # The stages' own flags are checked too before anything trains (the stages parse them again when they start).
     scripts.parse_arguments(SFTTrainer.config_class, flags["sft"], SFT_EMBEDDED_DEFAULTS, pipeline.sft_output_dir,

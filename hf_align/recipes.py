@@ -139,8 +139,8 @@ RECIPES: dict[str, Recipe] = {
     "gdpo": Recipe(
         summary="Distributional GDPO (arXiv 2412.20299) on belief-conditioned preference pairs",
         trainer=DistributionalGDPOTrainer, runner=run_offline, default_dataset="belief_preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5 makes
-        # the belief-conditioned preference learn within the few epochs this toy task gets.
+        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5
+        # makes the belief-conditioned preference learn within the few epochs this toy task gets.
         embedded_defaults=dict(
             learning_rate=1e-3, beta=0.5, per_device_train_batch_size=8, num_train_epochs=6, logging_steps=10,
             eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
@@ -149,11 +149,12 @@ RECIPES: dict[str, Recipe] = {
     "spin": Recipe(
         summary="SPIN (arXiv 2401.01335): self-play fine-tuning from SFT data alone",
         trainer=SPINTrainer, runner=pipelines.self_play, default_dataset="sft",
-        # For the embedded tiny model only (after its SFT warm-up): greedy responses, one epoch a round at a small learning
-        # rate, so that each round moves the model a little (larger steps overshoot on this tiny model).
+        # For the embedded tiny model only (after its SFT warm-up): greedy responses, one epoch a round at a small
+        # learning rate, so that each round moves the model a little (larger steps overshoot on this tiny model).
         embedded_defaults=dict(
-            num_rounds=3, max_new_tokens=32, temperature=0.0, learning_rate=1e-5, warmup_steps=0.0, num_train_epochs=1,
-            per_device_train_batch_size=8, logging_steps=10, eval_strategy="epoch", save_strategy="no", report_to="none",
+            num_rounds=3, max_new_tokens=32, temperature=0.0, learning_rate=1e-5, warmup_steps=0.0,
+            num_train_epochs=1, per_device_train_batch_size=8, logging_steps=10, eval_strategy="epoch",
+            save_strategy="no", report_to="none",
         ),
     ),
     "grpo": Recipe(
@@ -161,8 +162,8 @@ RECIPES: dict[str, Recipe] = {
         trainer=GRPOTrainer, runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=8, max_completion_length=6,
-            logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=8,
+            max_completion_length=6, logging_steps=20, save_strategy="no", report_to="none",
         ),
     ),
     "rloo": Recipe(
@@ -171,20 +172,20 @@ RECIPES: dict[str, Recipe] = {
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-            beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=4,
+            max_completion_length=6, beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
         ),
     ),
     "remax": Recipe(
         summary="ReMax (arXiv 2310.10505): the greedy answer's reward as the baseline (RLVR)",
         trainer=ReMaxTrainer, runner=run_verifiable, default_dataset="comparisons",
-        # For the embedded tiny model only (after its SFT warm start): two samples a prompt (the paper's one learns more slowly
-        # here), short answers, a large learning rate. The warm start's greedy answers beat most of its samples, so most
-        # advantages are negative; the KL to the warm start keeps pushing down wrong samples from spreading probability over
-        # nonsense.
+        # For the embedded tiny model only (after its SFT warm start): two samples a prompt (the paper's one learns
+        # more slowly here), short answers, a large learning rate. The warm start's greedy answers beat most of its
+        # samples, so most advantages are negative; the KL to the warm start keeps pushing down wrong samples from
+        # spreading probability over nonsense.
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=2, max_completion_length=6,
-            beta=0.1, logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=2,
+            max_completion_length=6, beta=0.1, logging_steps=20, save_strategy="no", report_to="none",
         ),
     ),
     "reinforce": Recipe(
@@ -193,18 +194,19 @@ RECIPES: dict[str, Recipe] = {
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-            beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
+            max_completion_length=6, beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
         ),
     ),
     "reinforce_pp": Recipe(
         summary="REINFORCE++ (arXiv 2501.03262) with verifiable rewards (RLVR)",
         trainer=ReinforcePPTrainer, runner=run_verifiable, default_dataset="comparisons",
-        # For the embedded tiny model only (after its SFT warm start): four samples a prompt with the group baseline, short
-        # answers, a large learning rate.
+        # For the embedded tiny model only (after its SFT warm start): four samples a prompt with the group baseline,
+        # short answers, a large learning rate.
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-            advantage_estimator="reinforce++_baseline", logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
+            max_completion_length=6, advantage_estimator="reinforce++_baseline", logging_steps=20, save_strategy="no",
+            report_to="none",
         ),
     ),
     "decoupled_gdpo": Recipe(
@@ -213,8 +215,8 @@ RECIPES: dict[str, Recipe] = {
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate.
         embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
-            logging_steps=20, save_strategy="no", report_to="none",
+            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
+            max_completion_length=6, logging_steps=20, save_strategy="no", report_to="none",
         ),
     ),
     "online_dpo": Recipe(
@@ -229,8 +231,8 @@ RECIPES: dict[str, Recipe] = {
     "trpo": Recipe(
         summary="TRPO (arXiv 1502.05477) for LLMs: natural-gradient steps inside a KL trust region (RLVR)",
         trainer=TRPOTrainer, runner=run_verifiable, default_dataset="comparisons",
-        # For the embedded tiny model only (after its SFT warm start): group-relative advantages over 8 samples a prompt,
-        # one trust-region step per batch of 32 completions.
+        # For the embedded tiny model only (after its SFT warm start): group-relative advantages over 8 samples a
+        # prompt, one trust-region step per batch of 32 completions.
         embedded_defaults=dict(
             advantage_estimator="grpo", num_generations=8, per_device_train_batch_size=32, max_completion_length=6,
             max_kl=0.02, max_steps=30, logging_steps=5, save_strategy="no", report_to="none",

@@ -98,7 +98,8 @@ def parse_arguments(config_class, argv: list[str], embedded_defaults: dict, outp
     error), the unknown ones with the closest valid flag. `config_sections`: top-level keys of the file that the
     caller reads itself (the RLHF pipeline's `sft:` / `reward:` stage settings)."""
     argv = _with_separate_config_flag(list(argv))
-    # First pass (never --help): is a model named? Only then do the embedded defaults stay out of the way.
+    # A first pass, without --help (which would exit): whether a model is named decides if the embedded defaults
+    # apply, and they must be in place before --help prints the defaults.
     probe = argument_parser(config_class, output_dir, default_dataset, extra_dataclasses)
     probe_argv = [arg for arg in argv if arg not in ("-h", "--help")]
     try:
@@ -142,7 +143,7 @@ def load_data(script_args: ScriptArguments, default_dataset: str, dataset_mixtur
             loaded = datasets.load_dataset({"jsonl": "json"}.get(extension, extension), data_files=name)
         else:
             loaded = datasets.load_dataset(name, script_args.dataset_config,
-                                           streaming=getattr(script_args, "dataset_streaming", False))
+                                           streaming=script_args.dataset_streaming)
     test_split = script_args.dataset_test_split
     return loaded[script_args.dataset_train_split], loaded[test_split] if test_split in loaded else None
 
@@ -182,7 +183,8 @@ def peft_arguments(model_args: ModelConfig) -> dict:
             compute_dtype = model_args.dtype if model_args.dtype not in (None, "float32", "auto") else (
                 torch.bfloat16 if torch.cuda.is_available() else torch.float32)
             out["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type, bnb_4bit_compute_dtype=compute_dtype,
+                load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                bnb_4bit_compute_dtype=compute_dtype,
                 bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
                 bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
             )

@@ -235,7 +235,8 @@ def test_resume_from_checkpoint_continues_where_the_run_stopped(tmp_path, monkey
               "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert cli.main([*common, "--output_dir", str(whole)]) == 0
-    assert cli.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(whole / "checkpoint-2")]) == 0
+    assert cli.main([*common, "--output_dir", str(resumed),
+                     "--resume_from_checkpoint", str(whole / "checkpoint-2")]) == 0
     # Steps 1 and 2 were not trained again: a fresh run would have saved checkpoint-2 here.
     assert sorted(path.name for path in resumed.glob("checkpoint-*")) == ["checkpoint-4"]
 

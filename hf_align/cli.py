@@ -40,18 +40,23 @@ class CLIError(Exception):
 
 
 def algorithms() -> dict:
+    """`hf_align.recipes.RECIPES`, imported only when needed: `hf-align env` / `--version` load no trainer."""
     from .recipes import RECIPES
 
     return RECIPES
 
 
+def check_algorithm(algorithm: str) -> None:
+    if algorithm not in algorithms():
+        raise CLIError(f"Unknown algorithm or command {algorithm!r}. Valid algorithms: {', '.join(algorithms())}; "
+                       f"other commands: {', '.join(OTHER_COMMANDS)}. See `{PROG} --help`.")
+
+
 def run_algorithm(algorithm: str, argv: list[str]) -> int:
     """Runs the recipe of `algorithm` with `argv` as its command line; returns the exit status."""
-    from .recipes import RECIPES, run_recipe
+    from .recipes import run_recipe
 
-    if algorithm not in RECIPES:
-        raise CLIError(f"Unknown algorithm or command {algorithm!r}. Valid algorithms: {', '.join(RECIPES)}; "
-                       f"other commands: {', '.join(OTHER_COMMANDS)}. See `{PROG} --help`.")
+    check_algorithm(algorithm)
     # argparse names itself after sys.argv[0]: "hf-align dpo" in --help and in its errors.
     saved_argv = sys.argv
     sys.argv = [f"{PROG} {algorithm}", *argv]
@@ -109,8 +114,7 @@ def launch_command(algorithm: str, launch: dict[str, str], argv: list[str]) -> l
 
 def launch(algorithm: str, launch_flags: dict[str, str], argv: list[str]) -> int:
     """Runs `hf-align <algorithm> ARGS` in the processes accelerate starts; returns their exit status."""
-    if algorithm not in algorithms():
-        raise CLIError(f"Unknown algorithm {algorithm!r}. Valid algorithms: {', '.join(algorithms())}.")
+    check_algorithm(algorithm)
     command = launch_command(algorithm, launch_flags, argv)
     import torch
 

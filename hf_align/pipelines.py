@@ -30,7 +30,7 @@ def self_play(recipe, argv: list[str]):
         return scripts.sft_warm_start(recipe.default_dataset, "outputs/spin-sft-start", learning_rate=1e-3,
                                       num_train_epochs=6)
 
-    trainer = scripts.run(recipe.trainer, recipe.default_dataset, recipe.embedded_defaults, argv,
+    trainer = scripts.run(recipe.trainer_class, recipe.default_dataset, recipe.embedded_defaults, argv,
                           start_model=warm_start)
     if trainer.is_world_process_zero():
         print_rounds(trainer.round_history)
@@ -52,11 +52,6 @@ SFT_EMBEDDED_DEFAULTS = dict(
 REWARD_EMBEDDED_DEFAULTS = dict(
     learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=1, logging_steps=10, eval_strategy="epoch",
     save_strategy="no", report_to="none",
-)
-PPO_EMBEDDED_DEFAULTS = dict(
-    learning_rate=3e-4, max_steps=100, per_device_train_batch_size=16, max_completion_length=16, num_iterations=2,
-    beta=0.05, logging_steps=10, eval_strategy="steps", eval_steps=100, eval_on_start=True, num_generations_eval=4,
-    per_device_eval_batch_size=16, save_strategy="no", report_to="none",
 )
 
 

@@ -8,65 +8,67 @@ stages, hf_align.pipelines). `hf-align <algorithm>` and examples/<algorithm>.py 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import pipelines, scripts
-from .trainers.decoupled_gdpo import GDPOTrainer as DecoupledGDPOTrainer
-from .trainers.dpo import DPOTrainer
-from .trainers.gdpo import DistributionalGDPOTrainer
-from .trainers.grpo import GRPOTrainer
-from .trainers.ipo import IPOTrainer
-from .trainers.kto import KTOTrainer
-from .trainers.online_dpo import OnlineDPOTrainer
-from .trainers.orpo import ORPOTrainer
-from .trainers.reinforce import ReinforcePPTrainer, ReinforceTrainer
-from .trainers.remax import ReMaxTrainer
-from .trainers.reward import RewardTrainer
-from .trainers.rloo import RLOOTrainer
-from .trainers.sft import SFTTrainer
-from .trainers.simpo import SimPOTrainer
-from .trainers.spin import SPINTrainer
-from .trainers.step_dpo import StepDPOTrainer
-from .trainers.trpo import TRPOTrainer
-from .verifiers import regex_reward
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """How `hf-align <algorithm>` trains. `runner(recipe, argv)` returns the trained trainer."""
+    """How `hf-align <algorithm>` trains. `runner(recipe, argv)` returns the trained trainer. Trainers are named,
+    not imported, so that `hf-align --help` loads none."""
 
     summary: str  # one line for `hf-align --help`
-    trainer: type
+    trainer: str  # "module:Class" under hf_align
     runner: Callable
     default_dataset: str  # the embedded dataset trained on when no dataset is named
     embedded_defaults: dict = field(default_factory=dict)  # Config values for the embedded tiny model only
 
+    @property
+    def trainer_class(self) -> type:
+        module, name = self.trainer.split(":")
+        return getattr(importlib.import_module(f"hf_align.{module}"), name)
+
 
 def run_offline(recipe: Recipe, argv: list[str]):
-    """One trainer on a fixed dataset. (`scripts.run` is looked up at call time, so that it can be wrapped.)"""
-    return scripts.run(recipe.trainer, recipe.default_dataset, recipe.embedded_defaults, argv)
+    """One trainer on a fixed dataset."""
+    from . import scripts
+
+    return scripts.run(recipe.trainer_class, recipe.default_dataset, recipe.embedded_defaults, argv)
 
 
-def run_verifiable(recipe: Recipe, argv: list[str]):
+def run_verifiable(recipe: Recipe, argv: list[str], extra_reward_funcs=()):
     """An online trainer with a verifier picked from the dataset's columns as the reward (RLVR)."""
-    return scripts.run_rlvr(recipe.trainer, recipe.embedded_defaults, argv)
+    from . import scripts
 
-
-# Decoupled GDPO normalises each reward on its own: a second reward, whether the answer is a bare number.
-NUMBER_FORMAT_REWARD = regex_reward(r"\s*-?\d+\s*", name="number_format_reward")
+    return scripts.run_rlvr(recipe.trainer_class, recipe.embedded_defaults, argv,
+                            extra_reward_funcs=list(extra_reward_funcs))
 
 
 def run_verifiable_with_format_reward(recipe: Recipe, argv: list[str]):
-    """`run_verifiable` with `NUMBER_FORMAT_REWARD` as a second reward."""
-    return scripts.run_rlvr(recipe.trainer, recipe.embedded_defaults, argv, extra_reward_funcs=[NUMBER_FORMAT_REWARD])
+    """`run_verifiable` with a second reward for decoupled GDPO, which normalises each reward on its own: whether the
+    answer is a bare number."""
+    from .verifiers import regex_reward
+
+    return run_verifiable(recipe, argv, [regex_reward(r"\s*-?\d+\s*", name="number_format_reward")])
+
+
+def run_self_play(recipe: Recipe, argv: list[str]):
+    from .pipelines import self_play
+
+    return self_play(recipe, argv)
+
+
+def run_rlhf(recipe: Recipe, argv: list[str]):
+    from .pipelines import rlhf
+
+    return rlhf(recipe, argv)
 
 
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe(
         summary="SFT on prompt-completion pairs (or `text` / `messages` datasets)",
-        trainer=SFTTrainer, runner=run_offline, default_dataset="sft",
+        trainer="trainers.sft:SFTTrainer", runner=run_offline, default_dataset="sft",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=2e-3, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -75,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "reward": Recipe(
         summary="Reward model on preference pairs (a one-output sequence classifier, Bradley–Terry loss)",
-        trainer=RewardTrainer, runner=run_offline, default_dataset="preference",
+        trainer="trainers.reward:RewardTrainer", runner=run_offline, default_dataset="preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -84,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "dpo": Recipe(
         summary="DPO on preference pairs",
-        trainer=DPOTrainer, runner=run_offline, default_dataset="preference",
+        trainer="trainers.dpo:DPOTrainer", runner=run_offline, default_dataset="preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -93,7 +95,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "ipo": Recipe(
         summary="IPO on preference pairs (DPO's data; squared loss on length-normalised log-ratios)",
-        trainer=IPOTrainer, runner=run_offline, default_dataset="preference",
+        trainer="trainers.ipo:IPOTrainer", runner=run_offline, default_dataset="preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -102,7 +104,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "kto": Recipe(
         summary="KTO on examples labelled desirable or undesirable (no pairs needed)",
-        trainer=KTOTrainer, runner=run_offline, default_dataset="unpaired_preference",
+        trainer="trainers.kto:KTOTrainer", runner=run_offline, default_dataset="unpaired_preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -111,7 +113,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "orpo": Recipe(
         summary="ORPO on preference pairs: SFT on chosen plus an odds-ratio penalty, no reference model",
-        trainer=ORPOTrainer, runner=run_offline, default_dataset="preference",
+        trainer="trainers.orpo:ORPOTrainer", runner=run_offline, default_dataset="preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -120,7 +122,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "simpo": Recipe(
         summary="SimPO on preference pairs: length-normalised rewards and a margin, no reference model",
-        trainer=SimPOTrainer, runner=run_offline, default_dataset="preference",
+        trainer="trainers.simpo:SimPOTrainer", runner=run_offline, default_dataset="preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
@@ -129,7 +131,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "step_dpo": Recipe(
         summary="Step-DPO (arXiv 2406.18629) on step-level pairs of reasoning steps",
-        trainer=StepDPOTrainer, runner=run_offline, default_dataset="step_preference",
+        trainer="trainers.step_dpo:StepDPOTrainer", runner=run_offline, default_dataset="step_preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
         embedded_defaults=dict(
             learning_rate=1e-3, per_device_train_batch_size=8, num_train_epochs=4, warmup_steps=0.0, logging_steps=10,
@@ -138,7 +140,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "gdpo": Recipe(
         summary="Distributional GDPO (arXiv 2412.20299) on belief-conditioned preference pairs",
-        trainer=DistributionalGDPOTrainer, runner=run_offline, default_dataset="belief_preference",
+        trainer="trainers.gdpo:DistributionalGDPOTrainer", runner=run_offline, default_dataset="belief_preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5
         # makes the belief-conditioned preference learn within the few epochs this toy task gets.
         embedded_defaults=dict(
@@ -148,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "spin": Recipe(
         summary="SPIN (arXiv 2401.01335): self-play fine-tuning from SFT data alone",
-        trainer=SPINTrainer, runner=pipelines.self_play, default_dataset="sft",
+        trainer="trainers.spin:SPINTrainer", runner=run_self_play, default_dataset="sft",
         # For the embedded tiny model only (after its SFT warm-up): greedy responses, one epoch a round at a small
         # learning rate, so that each round moves the model a little (larger steps overshoot on this tiny model).
         embedded_defaults=dict(
@@ -159,7 +161,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "grpo": Recipe(
         summary="GRPO (arXiv 2402.03300) with verifiable rewards (RLVR)",
-        trainer=GRPOTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.grpo:GRPOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
         embedded_defaults=dict(
             learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=8,
@@ -168,7 +170,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "rloo": Recipe(
         summary="RLOO (arXiv 2402.14740): REINFORCE with a leave-one-out baseline (RLVR)",
-        trainer=RLOOTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.rloo:RLOOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
         embedded_defaults=dict(
@@ -178,7 +180,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "remax": Recipe(
         summary="ReMax (arXiv 2310.10505): the greedy answer's reward as the baseline (RLVR)",
-        trainer=ReMaxTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.remax:ReMaxTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): two samples a prompt (the paper's one learns
         # more slowly here), short answers, a large learning rate. The warm start's greedy answers beat most of its
         # samples, so most advantages are negative; the KL to the warm start keeps pushing down wrong samples from
@@ -190,7 +192,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "reinforce": Recipe(
         summary="REINFORCE (Williams 1992) with verifiable rewards (RLVR)",
-        trainer=ReinforceTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.reinforce:ReinforceTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
         embedded_defaults=dict(
@@ -200,7 +202,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "reinforce_pp": Recipe(
         summary="REINFORCE++ (arXiv 2501.03262) with verifiable rewards (RLVR)",
-        trainer=ReinforcePPTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.reinforce:ReinforcePPTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt with the group baseline,
         # short answers, a large learning rate.
         embedded_defaults=dict(
@@ -211,7 +213,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "decoupled_gdpo": Recipe(
         summary="Reward-decoupled GDPO (arXiv 2601.05242): a verifier and a format check (RLVR)",
-        trainer=DecoupledGDPOTrainer, runner=run_verifiable_with_format_reward, default_dataset="comparisons",
+        trainer="trainers.decoupled_gdpo:GDPOTrainer", runner=run_verifiable_with_format_reward, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate.
         embedded_defaults=dict(
@@ -221,7 +223,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "online_dpo": Recipe(
         summary="Online DPO (arXiv 2402.04792) on pairs sampled from the policy, judged by a verifier",
-        trainer=OnlineDPOTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.online_dpo:OnlineDPOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
         embedded_defaults=dict(
             learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, max_new_tokens=6, logging_steps=10,
@@ -230,7 +232,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "trpo": Recipe(
         summary="TRPO (arXiv 1502.05477) for LLMs: natural-gradient steps inside a KL trust region (RLVR)",
-        trainer=TRPOTrainer, runner=run_verifiable, default_dataset="comparisons",
+        trainer="trainers.trpo:TRPOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): group-relative advantages over 8 samples a
         # prompt, one trust-region step per batch of 32 completions.
         embedded_defaults=dict(
@@ -240,9 +242,13 @@ RECIPES: dict[str, Recipe] = {
     ),
     "ppo": Recipe(
         summary="The classic three-stage RLHF pipeline: SFT, a reward model, then PPO against it",
-        trainer=pipelines.PPOTrainer, runner=pipelines.rlhf, default_dataset="preference",
+        trainer="trainers.ppo:PPOTrainer", runner=run_rlhf, default_dataset="preference",
         # The PPO stage's values; the SFT and reward stages have theirs in hf_align.pipelines.
-        embedded_defaults=pipelines.PPO_EMBEDDED_DEFAULTS,
+        embedded_defaults=dict(
+            learning_rate=3e-4, max_steps=100, per_device_train_batch_size=16, max_completion_length=16,
+            num_iterations=2, beta=0.05, logging_steps=10, eval_strategy="steps", eval_steps=100, eval_on_start=True,
+            num_generations_eval=4, per_device_eval_batch_size=16, save_strategy="no", report_to="none",
+        ),
     ),
 }
 

@@ -44,6 +44,15 @@ def test_import_prints_nothing_and_imports_no_trainer_or_heavy_dependency():
     assert json.loads(result.stdout) == []
 
 
+def test_cli_help_prints_only_its_usage_and_imports_no_trainer_or_heavy_dependency():
+    probe = ("import json, sys, contextlib, io\nfrom hf_align import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
+             f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == []
+
+
 def test_every_public_name_resolves_and_is_listed():
     for name in hf_align.__all__:
         assert getattr(hf_align, name) is not None, name

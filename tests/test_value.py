@@ -105,11 +105,12 @@ def test_one_pass_logprobs_and_values(tiny_model, use_peft):
     head = ValueHead.for_model(policy, init="normal", std=0.5)
     rollout = _rollout()
     with torch.no_grad():
+        # First (and so before counting): the LM head's one-time probe of this model (`logprobs.scored_forward`).
+        reference = completion_token_logprobs(policy, rollout, temperature=0.7, with_stats=True)
         calls, handle = _count_forwards(policy)
         out, values = policy_logprobs_and_values(policy, head, rollout, temperature=0.7, with_stats=True)
         handle.remove()
         assert len(calls) == 1  # ONE forward for both
-        reference = completion_token_logprobs(policy, rollout, temperature=0.7, with_stats=True)
         separate = token_values(policy, head, rollout)
     for name in ("token_logps", "mask", "entropy", "mean_logit"):
         torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=0, atol=1e-6)

@@ -65,69 +65,48 @@ def run_rlhf(recipe: Recipe, argv: list[str]):
     return rlhf(recipe, argv)
 
 
+def tiny_model_offline_defaults(learning_rate: float) -> dict:
+    """The Config values an offline recipe trains the embedded tiny model with: it starts from random weights, so it
+    needs a large `learning_rate`; two epochs, evaluated every 50 steps, nothing saved but the final model."""
+    return dict(learning_rate=learning_rate, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
+                eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none")
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe(
         summary="SFT on prompt-completion pairs (or `text` / `messages` datasets)",
         trainer="trainers.sft:SFTTrainer", runner=run_offline, default_dataset="sft",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=2e-3, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=2e-3),
     ),
     "reward": Recipe(
         summary="Reward model on preference pairs (a one-output sequence classifier, Bradley–Terry loss)",
         trainer="trainers.reward:RewardTrainer", runner=run_offline, default_dataset="preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "dpo": Recipe(
         summary="DPO on preference pairs",
         trainer="trainers.dpo:DPOTrainer", runner=run_offline, default_dataset="preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "ipo": Recipe(
         summary="IPO on preference pairs (DPO's data; squared loss on length-normalised log-ratios)",
         trainer="trainers.ipo:IPOTrainer", runner=run_offline, default_dataset="preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "kto": Recipe(
         summary="KTO on examples labelled desirable or undesirable (no pairs needed)",
         trainer="trainers.kto:KTOTrainer", runner=run_offline, default_dataset="unpaired_preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "orpo": Recipe(
         summary="ORPO on preference pairs: SFT on chosen plus an odds-ratio penalty, no reference model",
         trainer="trainers.orpo:ORPOTrainer", runner=run_offline, default_dataset="preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "simpo": Recipe(
         summary="SimPO on preference pairs: length-normalised rewards and a margin, no reference model",
         trainer="trainers.simpo:SimPOTrainer", runner=run_offline, default_dataset="preference",
-        # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=5e-4, per_device_train_batch_size=8, num_train_epochs=2, logging_steps=10,
-            eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_offline_defaults(learning_rate=5e-4),
     ),
     "step_dpo": Recipe(
         summary="Step-DPO (arXiv 2406.18629) on step-level pairs of reasoning steps",

@@ -605,6 +605,19 @@ def reward_std_is_zero(rewards: torch.Tensor, group_size: int, scale: str = "gro
     return torch.isclose(std, torch.zeros_like(std))
 
 
+def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, buffer_length: int,
+                          penalty_factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to each completion's reward: with
+    `L_max = max_length`, `L_cache = buffer_length`, a completion of `|y|` tokens gets
+    `0` if `|y| <= L_max - L_cache`; `((L_max - L_cache) - |y|) / L_cache` if `L_max - L_cache < |y| <= L_max`
+    (from 0 down to -1 across the buffer); `-1` beyond `L_max`; all times `penalty_factor`. `lengths` `[N]` (any
+    numeric dtype); returns `[N]` float."""
+    lengths = lengths.float()
+    expected = max_length - buffer_length
+    penalty = ((expected - lengths) / buffer_length).clamp(min=-1.0, max=0.0)
+    return penalty * penalty_factor
+
+
 def leave_one_out_advantages(
     rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = ADVANTAGE_EPS
 ) -> torch.Tensor:

@@ -373,7 +373,8 @@ class OnlineTrainer(AlignTrainer):
         if self.args.pad_to_multiple_of:
             rollout = pad_rollout(rollout, self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
         rollout["is_truncated"] = is_truncated
-        self.record_generation_metrics(rollout, sampled.lengths.to(device), is_truncated)
+        rollout["completion_lengths"] = sampled.lengths.to(device)  # unmasked, as sampled: length-based rewards read them
+        self.record_generation_metrics(rollout, rollout["completion_lengths"], is_truncated)
         rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
         with torch.no_grad():
             if self.needs_old_logps():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather
 
 from .. import losses, models
 from ..config import RouterAuxLossArguments, VLLMImportanceSamplingArguments
@@ -133,6 +134,16 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArg
         metadata={"help": "Multiply the per-token KL by the importance ratio (differentiable even where it is 1), so "
                           "that its gradient is the unbiased reverse-KL gradient (DeepSeek-V3.2, arXiv 2512.02556)."},
     )
+    overlong_buffer_len: int | None = field(
+        default=None,
+        metadata={"help": "DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): completions longer than "
+                          "max_completion_length - overlong_buffer_len tokens lose reward linearly, down to "
+                          "-overlong_penalty_factor at max_completion_length; added to the weighted reward sum before "
+                          "advantages. None: off."},
+    )
+    overlong_penalty_factor: float = field(
+        default=1.0, metadata={"help": "The largest soft overlong punishment (at max_completion_length tokens)."}
+    )
     max_tool_calling_iterations: int | None = field(
         default=None,
         metadata={"help": "Most tool-calling turns of an agent's rollout (None: no limit). It only acts with `tools` "
@@ -184,6 +195,15 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArg
         if self.entropy_coef_min > self.entropy_coef_max or self.entropy_coef_delta < 0:
             raise ValueError("Adaptive entropy control needs entropy_coef_min <= entropy_coef_max and "
                              "entropy_coef_delta >= 0.")
+        if self.overlong_buffer_len is not None:
+            if not 0 < self.overlong_buffer_len <= self.max_completion_length:
+                raise ValueError(f"overlong_buffer_len must be between 1 and max_completion_length "
+                                 f"({self.max_completion_length}), got {self.overlong_buffer_len}.")
+            if self.multi_objective_aggregation != "sum_then_normalize":
+                raise ValueError("overlong_buffer_len adds a penalty to the summed reward: it needs "
+                                 "multi_objective_aggregation='sum_then_normalize'.")
+        if self.overlong_penalty_factor < 0:
+            raise ValueError(f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}.")
         super().__post_init__()  # resolves epsilon_high
         if self.delta is not None and self.delta <= 1 + self.epsilon_high:
             raise ValueError(f"delta ({self.delta}) caps the ratio above the clip range: it must exceed 1 + "
@@ -290,6 +310,12 @@ class GRPOTrainer(OnlineTrainer):
             self.record_zero_std_groups(losses.reward_std_is_zero(summed, self.group_size, scale="batch"))
             return losses.decoupled_group_advantages(rewards_per_func, weights, self.group_size)
         rewards = self.reward_scorer.combine(rewards_per_func)
+        if self.args.overlong_buffer_len is not None:
+            penalty = losses.soft_overlong_penalty(
+                gather(rollout["completion_lengths"]), self.args.max_completion_length, self.args.overlong_buffer_len,
+                self.args.overlong_penalty_factor)
+            self.record_value("rewards/overlong_penalty/mean", penalty.mean())
+            rewards = rewards + penalty
         scale = self.args.scale_rewards
         self.record_zero_std_groups(losses.reward_std_is_zero(rewards, self.group_size, scale))
         return losses.group_relative_advantages(rewards, self.group_size, scale)

@@ -30,7 +30,10 @@ from .generation import Completions, SamplingConfig
 from .logprobs import CompletionLogProbs
 from .reference_sync import ReferenceSync, ReferenceSyncArguments
 from .rewards import RewardScorer
-from .rollout import GroupSampler, completion_token_logprobs, sample_rollout, shuffle_rollout, split_rollout
+from .rollout import (
+    GroupSampler, completion_token_logprobs, concat_rollouts, sample_rollout, select_rollout_rows, shuffle_rollout,
+    split_rollout,
+)
 from .trainer import AlignTrainer
 
 logger = logging.getLogger(__name__)
@@ -227,6 +230,41 @@ def completions_as_passed(prompts: list, texts: list[str]) -> list:
     return list(texts)
 
 
+@dataclass
+class ScoredSamples:
+    """One process's sampled completions, one per row of `rows` (whole groups, prompt-major), and their rewards:
+    what `OnlineTrainer.sample_and_score` returns before the loss's log-probs and the advantages are computed."""
+
+    rows: list[dict]
+    rollout: dict  # the tensors of `rollout.sample_rollout`, `is_truncated` and `completion_lengths`
+    texts: list[str]
+    rewards_per_func: torch.Tensor  # [n, F], this process's
+    extra_columns: dict[str, list]  # the reward functions' `log_extra` columns, one value per row
+
+    def select_groups(self, keep: torch.Tensor, group_size: int) -> ScoredSamples:
+        """The groups where `keep` (`[n / G]` bool) is True, in order."""
+        index = torch.arange(len(self.rows)).view(-1, group_size)[keep.cpu()].reshape(-1)
+        rows = index.tolist()
+        return ScoredSamples(
+            [self.rows[i] for i in rows], select_rollout_rows(self.rollout, index), [self.texts[i] for i in rows],
+            self.rewards_per_func[index.to(self.rewards_per_func.device)],
+            {name: [values[i] for i in rows] for name, values in self.extra_columns.items()},
+        )
+
+    @staticmethod
+    def concat(parts: list[ScoredSamples], pad_token_id: int) -> ScoredSamples:
+        """The rows of `parts` one after the other; a `log_extra` column missing from a part is None on its rows."""
+        columns = sorted({name for part in parts for name in part.extra_columns})
+        return ScoredSamples(
+            [row for part in parts for row in part.rows],
+            concat_rollouts([part.rollout for part in parts], pad_token_id),
+            [text for part in parts for text in part.texts],
+            torch.cat([part.rewards_per_func for part in parts]),
+            {name: [value for part in parts for value in part.extra_columns.get(name, [None] * len(part.rows))]
+             for name in columns},
+        )
+
+
 class OnlineTrainer(AlignTrainer):
     """The constructor of TRL's GRPOTrainer / RLOOTrainer, the generation-batch loop, reward scoring, the reference
     (none with `beta=0`; the adapter disabled under peft; else a frozen copy), the generation metrics and the
@@ -359,9 +397,35 @@ class OnlineTrainer(AlignTrainer):
         return self.args.sampling(batch_size=max(num_rows, 1))
 
     def score_rollout(self, rows: list[dict]) -> dict:
-        """Samples one completion per row (the rows hold each prompt `group_size` times), computes what the loss
-        needs (old log-probs when the policy changes before the rollout is used up, reference log-probs with
-        `beta != 0`), scores the completions and sets this process's `advantages`."""
+        """Samples one completion per row (the rows hold each prompt `group_size` times) and scores them (with dynamic
+        sampling, replacing groups whose rewards all tie), computes what the loss needs (old log-probs when the policy
+        changes before the rollout is used up, reference log-probs with `beta != 0`) and sets this process's
+        `advantages`."""
+        samples = self.sample_and_score(rows)
+        if self.model.training and self.dynamic_sampling_rounds is not None:
+            samples = self.dynamically_sampled(samples)
+        rollout = samples.rollout
+        self.record_generation_metrics(rollout, rollout["completion_lengths"], rollout["is_truncated"])
+        rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
+        with torch.no_grad():
+            if self.needs_old_logps():
+                rollout["old_logps"] = self.token_logps(self.model, rollout)
+            if self.args.beta != 0:
+                with models.reference_model(self.model, self.ref_model) as reference:
+                    rollout["ref_logps"] = self.token_logps(reference, rollout)
+
+        rewards_per_func = gather(samples.rewards_per_func)
+        self.record_reward_metrics(rewards_per_func)
+        advantages = self.compute_advantages(rewards_per_func, rollout)
+        if self.args.log_completions:
+            self.record_completions([row["prompt"] for row in samples.rows], samples.texts, rewards_per_func,
+                                    advantages if self.has_advantages else None, samples.extra_columns)
+        rollout["advantages"] = advantages[self.local_rows(len(samples.rows))]
+        return rollout
+
+    def sample_and_score(self, rows: list[dict]) -> ScoredSamples:
+        """This process's completions of `rows` (one per row) and their rewards, before anything the loss needs. What
+        the reward functions logged as metrics is recorded here, for every completion sampled."""
         device = self.accelerator.device
         prompts = [row["prompt"] for row in rows]
         with distributed.gathered_for_generation(self.accelerator, self.model,
@@ -374,25 +438,65 @@ class OnlineTrainer(AlignTrainer):
             rollout = pad_rollout(rollout, self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
         rollout["is_truncated"] = is_truncated
         rollout["completion_lengths"] = sampled.lengths.to(device)  # unmasked, as sampled: length-based rewards read them
-        self.record_generation_metrics(rollout, rollout["completion_lengths"], is_truncated)
-        rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
-        with torch.no_grad():
-            if self.needs_old_logps():
-                rollout["old_logps"] = self.token_logps(self.model, rollout)
-            if self.args.beta != 0:
-                with models.reference_model(self.model, self.ref_model) as reference:
-                    rollout["ref_logps"] = self.token_logps(reference, rollout)
-
-        rewards_per_func = gather(self.score_completions(rows, sampled).to(device))
-        self.record_reward_metrics(rewards_per_func)
+        rewards_per_func = self.score_completions(rows, sampled).to(device)
         extra_columns, logged_metrics = self.reward_scorer.pop_logs()
         self.record_logged_metrics(logged_metrics)
-        advantages = self.compute_advantages(rewards_per_func, rollout)
-        if self.args.log_completions:
-            self.record_completions(prompts, sampled.texts, rewards_per_func,
-                                    advantages if self.has_advantages else None, extra_columns)
-        rollout["advantages"] = advantages[self.local_rows(len(rows))]
-        return rollout
+        return ScoredSamples(rows, rollout, sampled.texts, rewards_per_func, extra_columns)
+
+    @property
+    def dynamic_sampling_rounds(self) -> int | None:
+        """With DAPO's dynamic sampling, the most extra generation rounds per generation batch; None: off."""
+        return None
+
+    def dynamically_sampled(self, samples: ScoredSamples) -> ScoredSamples:
+        """DAPO's dynamic sampling (arXiv 2503.14476, §3.2): this process's share of the generation batch with the
+        groups whose rewards all tie (advantages 0: nothing to learn) replaced by groups for further prompts, sampled
+        in up to `dynamic_sampling_rounds` extra rounds; if groups are still missing then, tied groups fill the share.
+
+        Every process fills its own share with its own whole groups, so that no completion moves between processes;
+        ties are decided on the gathered rewards, so every process knows every share's shortfall, runs the same
+        rounds (sampling the largest shortfall each time) and ends with as many rows as it started with."""
+        group_size, process = self.group_size, self.accelerator.process_index
+        wanted = len(samples.rows) // group_size  # groups per process
+        untied, tied = [], []  # this process's groups, per round
+        untied_counts, tied_count = 0, 0  # untied groups per process, tied groups of every process
+        rounds = 0
+        while True:
+            is_tied = self.tied_groups(gather(samples.rewards_per_func), gather(samples.rollout["completion_lengths"]))
+            is_tied = is_tied.view(self.accelerator.num_processes, -1)
+            untied.append(samples.select_groups(~is_tied[process], group_size))
+            tied.append(samples.select_groups(is_tied[process], group_size))
+            untied_counts = untied_counts + (~is_tied).sum(dim=1)
+            tied_count += int(is_tied.sum())
+            missing = int((wanted - untied_counts).clamp(min=0).max())
+            if missing == 0 or rounds == self.dynamic_sampling_rounds:
+                break
+            rounds += 1
+            samples = self.sample_and_score(self.further_prompt_rows(missing, rounds))
+        # Untied groups first, so that tied ones only fill what the rounds left missing.
+        groups = ScoredSamples.concat(untied + tied, self.tokenizer.pad_token_id)
+        kept = groups.select_groups(torch.arange(len(groups.rows) // group_size) < wanted, group_size)
+        kept_tied = (wanted - untied_counts).clamp(min=0)
+        self.record_value("dynamic_sampling/rounds", rounds)
+        self.record_value("dynamic_sampling/filtered_groups", tied_count - int(kept_tied.sum()))
+        self.record_value("dynamic_sampling/kept_tied_groups", int(kept_tied.sum()))
+        return kept
+
+    def further_prompt_rows(self, groups: int, round_index: int) -> list[dict]:
+        """This process's rows for `groups` more groups in dynamic sampling round `round_index`: every process draws
+        the same `groups × processes` distinct prompts at random from the training set and takes its own slice. The
+        draw is a function of the seed, the step and the round, so a resumed run draws what the uninterrupted run did."""
+        generator = torch.Generator().manual_seed(hash((self.args.seed, self._step, round_index)))
+        prompts = torch.randperm(len(self.train_dataset), generator=generator)
+        process = self.accelerator.process_index
+        mine = prompts[:groups * self.accelerator.num_processes][process * groups:(process + 1) * groups]
+        return [self.train_dataset[int(index)] for index in mine for _ in range(self.group_size)]
+
+    def tied_groups(self, rewards_per_func: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
+        """Whether each group's rewards all tie, `[N_all / G]` bool, from the gathered rewards `[N_all, F]` and
+        completion lengths `[N_all]`: on the weighted reward sum (its group std is 0)."""
+        rewards = self.reward_scorer.combine(rewards_per_func)
+        return losses.reward_std_is_zero(rewards, self.group_size, scale="group")[::self.group_size]
 
     def score_completions(self, rows: list[dict], sampled: Completions) -> torch.Tensor:
         """Rewards `[n, F]` (this process's) of `sampled`, one completion per row, with the rows' other columns: the

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from . import data
@@ -168,9 +169,32 @@ def split_rollout(rollout: dict, parts: int) -> list[dict]:
 
 def shuffle_rollout(rollout: dict, generator: torch.Generator | None = None) -> dict:
     """The rollout's rows in a random order (the same permutation for every tensor)."""
+    order = torch.randperm(rollout["completion_ids"].size(0), generator=generator)
+    return select_rollout_rows(rollout, order)
+
+
+def select_rollout_rows(rollout: dict, index: torch.Tensor) -> dict:
+    """The rollout's rows `index` (`[n]` long), in that order (scalars are shared)."""
     rows = rollout["completion_ids"].size(0)
-    order = torch.randperm(rows, generator=generator).to(rollout["completion_ids"].device)
-    return {key: value[order] if _has_rows(value, rows) else value for key, value in rollout.items()}
+    index = index.to(rollout["completion_ids"].device)
+    return {key: value[index] if _has_rows(value, rows) else value for key, value in rollout.items()}
+
+
+def concat_rollouts(rollouts: list[dict], pad_token_id: int) -> dict:
+    """The rows of rollouts sampled separately (each a dict of per-row tensors with the same keys), one after the
+    other: prompts left-padded and completions right-padded to the widest (masked-out padding)."""
+    prompt_width = max(rollout["prompt_ids"].size(1) for rollout in rollouts)
+    completion_width = max(rollout["completion_ids"].size(1) for rollout in rollouts)
+
+    def widened(key: str, value: torch.Tensor) -> torch.Tensor:
+        fill = pad_token_id if key.endswith("_ids") else 0
+        if key.startswith("prompt_"):
+            return F.pad(value, (prompt_width - value.size(1), 0), value=fill)
+        if value.dim() == 2:  # completion ids and masks, per-token log-probs
+            return F.pad(value, (0, completion_width - value.size(1)), value=fill)
+        return value
+
+    return {key: torch.cat([widened(key, rollout[key]) for rollout in rollouts]) for key in rollouts[0]}
 
 
 def _has_rows(value, rows: int) -> bool:

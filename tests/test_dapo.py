@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_align import losses
+from hf_align.rollout import concat_rollouts
 from hf_align.trainers.grpo import GRPOConfig, GRPOTrainer
 
 QUIET = dict(report_to="none", save_strategy="no", disable_tqdm=True, bf16=False)
@@ -57,10 +58,19 @@ def test_soft_overlong_penalty_by_hand():
 
 
 @pytest.mark.parametrize("field, value", [("overlong_buffer_len", 0), ("overlong_buffer_len", MAX_COMPLETION + 1),
-                                          ("overlong_penalty_factor", -1.0)])
+                                          ("overlong_penalty_factor", -1.0), ("max_dynamic_sampling_rounds", -1)])
 def test_bad_dapo_fields_raise_at_config_time(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
         GRPOConfig(**_settings(tmp_path, **{field: value}))
+
+
+def test_dynamic_sampling_needs_whole_groups_per_process(tmp_path, monkeypatch):
+    # Two processes of 2 rows each: the generation batch holds one group of 4, split between them.
+    monkeypatch.setattr(GRPOConfig, "world_size", property(lambda self: 2))
+    settings = _settings(tmp_path, per_device_train_batch_size=2)
+    GRPOConfig(**settings)
+    with pytest.raises(ValueError, match="dynamic_sampling"):
+        GRPOConfig(**settings, dynamic_sampling=True)
 
 
 def test_overlong_penalty_through_the_trainer(tiny_model_path, embedded_data, fixed_completions, tmp_path):
@@ -78,3 +88,87 @@ def test_overlong_penalty_through_the_trainer(tiny_model_path, embedded_data, fi
     log = trainer.state.log_history[0]
     assert log["rewards/overlong_penalty/mean"] == pytest.approx(-2.5 / 4)
     assert log["completions/max_length"] == 8
+
+
+# -- dynamic sampling ----------------------------------------------------------------------------------------------------
+def tied_unless_marked(completions, tied, **kwargs):
+    # Constant on the prompts marked `tied`; elsewhere the completion's length (2 to 5 tokens within a group).
+    return [0.0 if is_tied else 100.0 + len(completion) for completion, is_tied in zip(completions, tied)]
+
+
+def _dynamic_run(tmp_path, tiny_model_path, fixed_completions, tied: list[bool], **options):
+    """One optimizer step on prompts p0, p1, ... in order (p0 and p1 first), 2 groups of 4 per generation batch;
+    returns the trainer, every call's rows of `sample_and_score` and the advantages' (rewards, advantages)."""
+    from datasets import Dataset
+
+    fixed_completions(lambda prompt_ids, row, tokenizer, model: _tokens(2 + row % 4))
+    # Prompts of different lengths: rounds' rollouts have different widths, which the batch's concatenation pads.
+    dataset = Dataset.from_list([{"prompt": f"p{i} says" + " more" * i, "tied": t} for i, t in enumerate(tied)])
+    args = GRPOConfig(**_settings(tmp_path, per_device_train_batch_size=8, shuffle_dataset=False,
+                                  dynamic_sampling=True, **options))
+    trainer = GRPOTrainer(tiny_model_path, tied_unless_marked, args=args, train_dataset=dataset)
+    sampled_rows = []
+    sample_and_score = trainer.sample_and_score
+
+    def spy(rows):
+        sampled_rows.append(rows)
+        return sample_and_score(rows)
+
+    trainer.sample_and_score = spy
+    seen = _spy_advantages(trainer)
+    trainer.train()
+    return trainer, sampled_rows, seen
+
+
+def test_dynamic_sampling_replaces_tied_groups(tiny_model_path, fixed_completions, tmp_path):
+    # Only p1 and p6 do not tie. The first batch (p0, p1) misses one group; each extra round samples one group for a
+    # random prompt, until one does not tie.
+    tied = [i not in (1, 6) for i in range(8)]
+    trainer, sampled_rows, seen = _dynamic_run(tmp_path, tiny_model_path, fixed_completions, tied,
+                                               max_dynamic_sampling_rounds=20)
+    assert [len(rows) for rows in sampled_rows] == [8] + [4] * (len(sampled_rows) - 1)
+    extra = [rows[0]["tied"] for rows in sampled_rows[1:]]
+    assert extra[-1] is False and all(extra[:-1])  # stopped at the first untied group
+    (rewards, advantages), = seen
+    # Trained: p1's group and the last round's, each 4 different rewards, so no zero advantage.
+    assert len(rewards) == 8 and bool((rewards > 0).all()) and bool((advantages != 0).all())
+    log = trainer.state.log_history[0]
+    rounds = len(sampled_rows) - 1
+    assert rounds >= 2 and log["dynamic_sampling/rounds"] == rounds
+    assert log["dynamic_sampling/filtered_groups"] == rounds  # p0, then the tied draws
+    assert log["dynamic_sampling/kept_tied_groups"] == 0
+    assert log["frac_reward_zero_std"] == 0
+
+
+def test_dynamic_sampling_honours_the_cap(tiny_model_path, fixed_completions, tmp_path):
+    # Every prompt ties: 2 extra rounds of 2 groups each, then the batch is filled with the first round's tied groups.
+    trainer, sampled_rows, seen = _dynamic_run(tmp_path, tiny_model_path, fixed_completions, [True] * 8,
+                                               max_dynamic_sampling_rounds=2)
+    assert [len(rows) for rows in sampled_rows] == [8, 8, 8]
+    (rewards, advantages), = seen
+    assert bool((rewards == 0).all()) and bool((advantages == 0).all())
+    log = trainer.state.log_history[0]
+    assert log["dynamic_sampling/rounds"] == 2
+    assert log["dynamic_sampling/kept_tied_groups"] == 2
+    assert log["dynamic_sampling/filtered_groups"] == 4  # 6 tied groups sampled, 2 kept
+
+
+def test_concat_rollouts_pads_prompts_left_and_completions_right():
+    first = {"prompt_ids": torch.tensor([[5, 6]]), "prompt_mask": torch.tensor([[1, 1]]),
+             "completion_ids": torch.tensor([[7]]), "completion_mask": torch.tensor([[1]]),
+             "completion_lengths": torch.tensor([1])}
+    second = {"prompt_ids": torch.tensor([[8]]), "prompt_mask": torch.tensor([[1]]),
+              "completion_ids": torch.tensor([[9, 10, 11]]), "completion_mask": torch.tensor([[1, 1, 1]]),
+              "completion_lengths": torch.tensor([3])}
+    both = concat_rollouts([first, second], pad_token_id=0)
+    assert both["prompt_ids"].tolist() == [[5, 6], [0, 8]] and both["prompt_mask"].tolist() == [[1, 1], [0, 1]]
+    assert both["completion_ids"].tolist() == [[7, 0, 0], [9, 10, 11]]
+    assert both["completion_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert both["completion_lengths"].tolist() == [1, 3]
+
+
+def test_no_dynamic_sampling_needs_no_extra_round(tiny_model_path, fixed_completions, tmp_path):
+    trainer, sampled_rows, _ = _dynamic_run(tmp_path, tiny_model_path, fixed_completions, [False] * 8)
+    assert len(sampled_rows) == 1
+    log = trainer.state.log_history[0]
+    assert log["dynamic_sampling/rounds"] == 0 and log["dynamic_sampling/filtered_groups"] == 0

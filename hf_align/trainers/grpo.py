@@ -144,6 +144,19 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArg
     overlong_penalty_factor: float = field(
         default=1.0, metadata={"help": "The largest soft overlong punishment (at max_completion_length tokens)."}
     )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO's dynamic sampling (arXiv 2503.14476, §3.2): drop the groups whose rewards all tie "
+                          "(their advantages are 0) and sample groups for further prompts until the generation batch "
+                          "is full again. Each process fills its own share, so it must hold whole groups "
+                          "(per_device_train_batch_size × steps_per_generation a multiple of num_generations)."},
+    )
+    max_dynamic_sampling_rounds: int = field(
+        default=3,
+        metadata={"help": "Most extra generation rounds dynamic sampling runs per generation batch; if the batch is "
+                          "still short after them it is filled with tied groups (logged as "
+                          "dynamic_sampling/kept_tied_groups)."},
+    )
     max_tool_calling_iterations: int | None = field(
         default=None,
         metadata={"help": "Most tool-calling turns of an agent's rollout (None: no limit). It only acts with `tools` "
@@ -204,7 +217,14 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArg
                                  "multi_objective_aggregation='sum_then_normalize'.")
         if self.overlong_penalty_factor < 0:
             raise ValueError(f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}.")
+        if self.max_dynamic_sampling_rounds < 0:
+            raise ValueError(f"max_dynamic_sampling_rounds must be >= 0, got {self.max_dynamic_sampling_rounds}.")
         super().__post_init__()  # resolves epsilon_high
+        process_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if self.dynamic_sampling and process_rows % self.num_generations:
+            raise ValueError(f"dynamic_sampling fills each process's share of the generation batch with whole groups: "
+                             f"per_device_train_batch_size × steps_per_generation ({process_rows}) must be a "
+                             f"multiple of num_generations ({self.num_generations}).")
         if self.delta is not None and self.delta <= 1 + self.epsilon_high:
             raise ValueError(f"delta ({self.delta}) caps the ratio above the clip range: it must exceed 1 + "
                              f"epsilon_high ({1 + self.epsilon_high}) (INTELLECT-2 uses 4).")
@@ -302,6 +322,24 @@ class GRPOTrainer(OnlineTrainer):
             cast_lm_head_to_fp32(model)  # before the reference is copied from it
         return model
 
+    def overlong_penalty(self, completion_lengths: torch.Tensor) -> torch.Tensor:
+        """DAPO's soft overlong punishment `[N]` of completions of `completion_lengths` tokens (needs
+        `overlong_buffer_len`)."""
+        args = self.args
+        return losses.soft_overlong_penalty(completion_lengths, args.max_completion_length, args.overlong_buffer_len,
+                                            args.overlong_penalty_factor)
+
+    @property
+    def dynamic_sampling_rounds(self) -> int | None:
+        return self.args.max_dynamic_sampling_rounds if self.args.dynamic_sampling else None
+
+    def tied_groups(self, rewards_per_func, completion_lengths):
+        # Ties are judged on the reward the advantages come from: the weighted sum plus any overlong punishment.
+        if self.args.overlong_buffer_len is None:
+            return super().tied_groups(rewards_per_func, completion_lengths)
+        rewards = self.reward_scorer.combine(rewards_per_func) + self.overlong_penalty(completion_lengths)
+        return losses.reward_std_is_zero(rewards, self.group_size, scale="group")[::self.group_size]
+
     def compute_advantages(self, rewards_per_func, rollout):
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             weights = self.reward_scorer.weights
@@ -311,9 +349,7 @@ class GRPOTrainer(OnlineTrainer):
             return losses.decoupled_group_advantages(rewards_per_func, weights, self.group_size)
         rewards = self.reward_scorer.combine(rewards_per_func)
         if self.args.overlong_buffer_len is not None:
-            penalty = losses.soft_overlong_penalty(
-                gather(rollout["completion_lengths"]), self.args.max_completion_length, self.args.overlong_buffer_len,
-                self.args.overlong_penalty_factor)
+            penalty = self.overlong_penalty(gather(rollout["completion_lengths"]))
             self.record_value("rewards/overlong_penalty/mean", penalty.mean())
             rewards = rewards + penalty
         scale = self.args.scale_rewards

@@ -1,8 +1,11 @@
 """DAPO's options of GRPOTrainer (arXiv 2503.14476): the soft overlong punishment (eq. 13) by hand and through the
 trainer on completions of chosen lengths, and dynamic sampling (§3.2): trained batches hold only groups whose rewards
-do not all tie, the extra generation rounds are logged and capped."""
+do not all tie, the extra generation rounds are logged and capped, and under 2 processes (DDP over gloo) each fills
+its own share and both end with the same rows."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -172,3 +175,71 @@ def test_no_dynamic_sampling_needs_no_extra_round(tiny_model_path, fixed_complet
     assert len(sampled_rows) == 1
     log = trainer.state.log_history[0]
     assert log["dynamic_sampling/rounds"] == 0 and log["dynamic_sampling/filtered_groups"] == 0
+
+
+DDP_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+import hf_align.rollout
+from datasets import Dataset
+from hf_align.data import pad
+from hf_align.generation import Completions, encode_prompts
+from hf_align.trainers.grpo import GRPOConfig, GRPOTrainer
+
+model_path, out = sys.argv[1], sys.argv[2]
+
+
+def generate(model, tokenizer, prompts, sampling):  # row i: 2 or 3 tokens, so every group has 2 lengths
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    rows = [torch.tensor([40 + k for k in range(2 + i % 2)]) for i in range(len(prompt_ids))]
+    return Completions(prompt_ids=prompt_ids, completion_ids=pad(rows, tokenizer.pad_token_id),
+                       completion_mask=pad([torch.ones_like(r) for r in rows], 0),
+                       texts=tokenizer.batch_decode(rows, skip_special_tokens=True))
+
+
+hf_align.rollout.generate_completions = generate
+
+
+def reward(completions, tied, **kwargs):
+    return [0.0 if t else 100.0 + len(c) for c, t in zip(completions, tied)]
+
+
+dataset = Dataset.from_list([{"prompt": f"p{i} says" + " more" * i, "tied": i not in (2, 5, 9)} for i in range(12)])
+args = GRPOConfig(output_dir=out + "/run", per_device_train_batch_size=4, num_generations=2, max_steps=2,
+                  max_completion_length=4, logging_steps=1, seed=1, shuffle_dataset=False, dynamic_sampling=True,
+                  max_dynamic_sampling_rounds=4, report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
+                  learning_rate=1e-3)
+trainer = GRPOTrainer(model_path, reward, args=args, train_dataset=dataset)
+batches = []
+compute_advantages = trainer.compute_advantages
+
+
+def spy(rewards_per_func, rollout):
+    batches.append({"rewards": rewards_per_func[:, 0].tolist(), "rows": rollout["completion_ids"].size(0)})
+    return compute_advantages(rewards_per_func, rollout)
+
+
+trainer.compute_advantages = spy
+trainer.train()
+logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as f:
+    json.dump({"batches": batches, "logs": logs}, f)
+"""
+
+
+def test_slow_ddp_every_process_fills_its_share(tiny_model_path, tmp_path):
+    """2 processes of 2 groups each, only 3 of 12 prompts untied: each process keeps its own untied groups, all run the
+    same rounds (up to the cap) and train on 4 rows; tied groups fill only what the cap left missing."""
+    from test_reinforce import launch_two_processes
+
+    launch_two_processes(DDP_SCRIPT, tmp_path, tiny_model_path, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same gathered batches and logs on both processes
+    for batch, log in zip(ranks[0]["batches"], ranks[0]["logs"]):
+        assert batch["rows"] == 4 and len(batch["rewards"]) == 8
+        assert 0 <= log["dynamic_sampling/rounds"] <= 4
+        tied_rows = sum(reward == 0 for reward in batch["rewards"])
+        assert tied_rows == 2 * log["dynamic_sampling/kept_tied_groups"]
+        if log["dynamic_sampling/kept_tied_groups"]:
+            assert log["dynamic_sampling/rounds"] == 4  # tied groups are kept only at the cap

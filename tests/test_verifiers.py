@@ -157,6 +157,16 @@ def test_samples_after_bad_ones_still_score(code):
     assert logged["code_reward_outcome"][:2] == ["timeout", "passed 3/3"]
 
 
+def test_the_sandbox_runner_is_a_module_that_runs_only_as_a_script(tmp_path):
+    """`hf_align/sandbox_runner.py` ships in the package; importing it (no case file here) does nothing."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import hf_align.sandbox_runner"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "" and list(tmp_path.iterdir()) == []
+
+
 def test_bad_test_column_is_named(code):
     with pytest.raises(TypeError, match="column 'tests' of sample 0 must be a string or a list of strings"):
         code(completions=[DOUBLE], tests=[[1, 2]])

@@ -1,6 +1,6 @@
 """Reward-decoupled GDPO (arXiv 2601.05242) with two rewards: a verifier and a format check, each normalised within
-its group of answers before they are summed, then GRPO's loss. (examples/gdpo.py is the other GDPO, arXiv
-2412.20299.)
+its group of answers before they are summed, then GRPO's loss. (examples/distributional_gdpo.py is the other GDPO,
+arXiv 2412.20299.)
 
     accelerate launch examples/decoupled_gdpo.py    # embedded tiny model (after a short SFT) on "Which is larger?"
     accelerate launch examples/decoupled_gdpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \

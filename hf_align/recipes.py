@@ -117,9 +117,9 @@ RECIPES: dict[str, Recipe] = {
             eval_strategy="steps", eval_steps=25, save_strategy="no", report_to="none",
         ),
     ),
-    "gdpo": Recipe(
+    "distributional_gdpo": Recipe(
         summary="Distributional GDPO (arXiv 2412.20299) on belief-conditioned preference pairs",
-        trainer="trainers.gdpo:DistributionalGDPOTrainer", runner=run_offline, default_dataset="belief_preference",
+        trainer="trainers.distributional_gdpo:DistributionalGDPOTrainer", runner=run_offline, default_dataset="belief_preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5
         # makes the belief-conditioned preference learn within the few epochs this toy task gets.
         embedded_defaults=dict(

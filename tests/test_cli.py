@@ -33,7 +33,7 @@ ALGORITHMS = sorted(RECIPES)
 
 def test_every_algorithm_has_its_recipe_and_a_thin_example():
     assert set(RECIPES) == {
-        "sft", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "step_dpo", "gdpo", "spin", "grpo", "rloo", "remax",
+        "sft", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "step_dpo", "distributional_gdpo", "spin", "grpo", "rloo", "remax",
         "reinforce", "reinforce_pp", "decoupled_gdpo", "online_dpo", "ppo", "trpo",
     }
     for algorithm in RECIPES:

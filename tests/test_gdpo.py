@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from hf_align import DataError, DistributionalGDPOConfig, DistributionalGDPOTrainer, DPOConfig, DPOTrainer, losses
-from hf_align.trainers.gdpo import jensen_shannon_distance
+from hf_align.trainers.distributional_gdpo import jensen_shannon_distance
 
 FAST = dict(max_steps=2, per_device_train_batch_size=4, report_to="none", save_strategy="no")
 
@@ -325,14 +325,12 @@ def test_example_runs_offline_on_the_embedded_default(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from hf_align.scripts import run
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "gdpo.py"
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributional_gdpo.py"
     spec = importlib.util.spec_from_file_location("gdpo_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    trainer = run(DistributionalGDPOTrainer, "belief_preference", example.EMBEDDED_DEFAULTS,
-                  argv=["--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--eval_steps", "3"])
+    trainer = example.main(["--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--eval_steps", "3"])
+    assert isinstance(trainer, DistributionalGDPOTrainer)
     assert trainer.state.global_step == 3
     assert (tmp_path / "out" / "README.md").is_file()
     assert any("eval_belief/kl" in entry for entry in trainer.state.log_history)

@@ -1,8 +1,8 @@
 """Distributional GDPO (arXiv 2412.20299) on belief-conditioned preference pairs: calibrate the model's beliefs to a
 group's belief distribution, and prefer responses consistent with the belief they follow.
 
-    accelerate launch examples/gdpo.py          # embedded tiny chat model and the toy town survey, offline
-    accelerate launch examples/gdpo.py --model_name_or_path Qwen/Qwen2.5-0.5B \
+    accelerate launch examples/distributional_gdpo.py          # embedded tiny chat model and the toy town survey, offline
+    accelerate launch examples/distributional_gdpo.py --model_name_or_path Qwen/Qwen2.5-0.5B \
         --dataset_name my_beliefs.jsonl --use_peft --learning_rate 5e-6
 
 Rows need `prompt`, `beliefs`, `belief_distribution`, `belief`, `chosen`, `rejected` (see
@@ -11,14 +11,12 @@ Rows need `prompt`, `beliefs`, `belief_distribution`, `belief`, `chosen`, `rejec
 outputs/gdpo-distributional).
 """
 
-from hf_align.recipes import RECIPES, run_recipe
-
-EMBEDDED_DEFAULTS = RECIPES["gdpo"].embedded_defaults  # the Config values for the embedded tiny model
+from hf_align.recipes import run_recipe
 
 
 def main(argv: list[str] | None = None):
-    """Trains as `hf-align gdpo` does (hf_align.recipes); `argv` defaults to the command line."""
-    return run_recipe("gdpo", argv)
+    """Trains as `hf-align distributional_gdpo` does (hf_align.recipes); `argv` defaults to the command line."""
+    return run_recipe("distributional_gdpo", argv)
 
 
 if __name__ == "__main__":

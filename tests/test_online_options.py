@@ -222,7 +222,9 @@ def test_reward_model_path_is_second_to_the_trainers_rankers(tmp_path, tiny_mode
 
 
 class FakeTracker(types.ModuleType):
-    """A module standing in for wandb / trackio: `Table(dataframe=...)` and `log(...)`, recorded."""
+    """A module standing in for trackio (not installed here; the real wandb is tested below) with what
+    `completion_log` uses of both: a `run` (None before one starts, as wandb's), `Table(dataframe=...)` and `log(...)`,
+    recorded."""
 
     def __init__(self, name, run=True):
         super().__init__(name)
@@ -254,6 +256,23 @@ def test_trackers_get_the_table_and_unique_prompts_dedupes_it(tmp_path, monkeypa
     log.record(["c"] * 4, ["1", "2", "3", "4"], {"r": [0.0] * 4}, None, {"note": ["n"] * 4})
     assert log.columns(8)["completion"] == ["1", "2", "3", "4"]  # the oldest rows dropped out
     assert list(log.columns(8)) == ["step", "prompt", "completion", "r", "note"]
+
+
+def test_a_real_wandb_run_takes_the_completions_table(tmp_path, monkeypatch):
+    """The real W&B client, offline: a table is logged only once a run is started, and the run gets it."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert active_trackers(["wandb"]) == []  # no run yet
+    run = wandb.init(project="hf_align-test", dir=str(tmp_path))
+    try:
+        assert active_trackers(["wandb"]) == [wandb]
+        log = CompletionLog(str(tmp_path / "completions"), capacity=4)
+        log.record(["p"] * 2, ["x", "y"], {"r": [1.0, 0.0]}, [0.5, -0.5], {})
+        log.write(3, active_trackers(["wandb"]))
+        assert "completions" in dict(run.summary)
+    finally:
+        run.finish()
 
 
 HUB_CHILD = '''

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -304,14 +302,12 @@ def test_max_completion_length_matches_trl_on_cut_completions(algorithm, prefere
 def test_generate_during_eval_logs_a_table_of_samples(trainer_cls, tiny_model_path, tiny_tokenizer, preference_data,
                                                       tmp_path, monkeypatch):
     """`evaluate()` samples completions (`max_completion_length` new tokens at most) for `eval_batch_size` random eval
-    prompts and logs them as W&B's table `game_log` (Prompt, Policy), as TRL does. wandb is not installed here: a
-    stand-in module records the calls, and the trainer is built without W&B's callback (which would start a run)."""
+    prompts and logs them as W&B's table `game_log` (Prompt, Policy), as TRL does: the real W&B client, offline, its
+    `log` recorded on the way through; the trainer is built without W&B's callback (the test starts the run)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     logged, generated = [], []
-    stand_in = types.ModuleType("wandb")
-    stand_in.Table = lambda dataframe: dataframe
-    stand_in.log = logged.append
-    monkeypatch.setitem(sys.modules, "wandb", stand_in)
-    monkeypatch.setattr(preference, "installed_sample_trackers", lambda: ["wandb"])
     generate = preference.generation.generate_completions
 
     def recorded_generate(model, tokenizer, prompts, sampling):
@@ -326,10 +322,22 @@ def test_generate_during_eval_logs_a_table_of_samples(trainer_cls, tiny_model_pa
     trainer = trainer_cls(model=tiny_model_path, args=args, train_dataset=preference_data("conversational", 4),
                           eval_dataset=eval_rows, processing_class=tiny_tokenizer)
     trainer.args.report_to = ["wandb"]
-    metrics = trainer.evaluate()
+    run = wandb.init(project="hf_align-test", dir=str(tmp_path))
+    log = wandb.log  # the run's, set by `init`
+
+    def recorded_log(values, *args, **kwargs):
+        logged.append(values)
+        return log(values, *args, **kwargs)
+
+    monkeypatch.setattr(wandb, "log", recorded_log)
+    try:
+        metrics = trainer.evaluate()
+        assert "game_log" in dict(run.summary)
+    finally:
+        run.finish()
     assert math.isfinite(metrics["eval_loss"])
     [entry] = logged
-    table = entry["game_log"]
+    table = entry["game_log"].get_dataframe()
     assert list(table.columns) == ["Prompt", "Policy"] and len(table) == 3
     rendered = {tiny_tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
                 for row in eval_rows}

@@ -72,6 +72,13 @@ def tiny_model_offline_defaults(learning_rate: float) -> dict:
                 eval_strategy="steps", eval_steps=50, save_strategy="no", report_to="none")
 
 
+def tiny_model_rlvr_defaults(**values) -> dict:
+    """The Config values an RLVR recipe trains the embedded tiny model with (after its SFT warm start): short answers,
+    a large learning rate, and `values` on top."""
+    return dict(learning_rate=1e-3, per_device_train_batch_size=16, max_completion_length=6, logging_steps=20,
+                save_strategy="no", report_to="none", **values)
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe(
         summary="SFT on prompt-completion pairs (or `text` / `messages` datasets)",
@@ -119,7 +126,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "distributional_gdpo": Recipe(
         summary="Distributional GDPO (arXiv 2412.20299) on belief-conditioned preference pairs",
-        trainer="trainers.distributional_gdpo:DistributionalGDPOTrainer", runner=run_offline, default_dataset="belief_preference",
+        trainer="trainers.distributional_gdpo:DistributionalGDPOTrainer", runner=run_offline,
+        default_dataset="belief_preference",
         # For the embedded tiny model only: it starts from random weights, so it needs a large learning rate; β = 0.5
         # makes the belief-conditioned preference learn within the few epochs this toy task gets.
         embedded_defaults=dict(
@@ -142,20 +150,14 @@ RECIPES: dict[str, Recipe] = {
         summary="GRPO (arXiv 2402.03300) with verifiable rewards (RLVR)",
         trainer="trainers.grpo:GRPOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): short answers, a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=8,
-            max_completion_length=6, logging_steps=20, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=300, num_generations=8),
     ),
     "rloo": Recipe(
         summary="RLOO (arXiv 2402.14740): REINFORCE with a leave-one-out baseline (RLVR)",
         trainer="trainers.rloo:RLOOTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=4,
-            max_completion_length=6, beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=300, num_generations=4, beta=0.0),
     ),
     "remax": Recipe(
         summary="ReMax (arXiv 2310.10505): the greedy answer's reward as the baseline (RLVR)",
@@ -164,41 +166,30 @@ RECIPES: dict[str, Recipe] = {
         # more slowly here), short answers, a large learning rate. The warm start's greedy answers beat most of its
         # samples, so most advantages are negative; the KL to the warm start keeps pushing down wrong samples from
         # spreading probability over nonsense.
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=300, per_device_train_batch_size=16, num_generations=2,
-            max_completion_length=6, beta=0.1, logging_steps=20, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=300, num_generations=2, beta=0.1),
     ),
     "reinforce": Recipe(
         summary="REINFORCE (Williams 1992) with verifiable rewards (RLVR)",
         trainer="trainers.reinforce:ReinforceTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate, no KL (the warm start is a weak reference).
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
-            max_completion_length=6, beta=0.0, logging_steps=20, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=150, num_generations=4, beta=0.0),
     ),
     "reinforce_pp": Recipe(
         summary="REINFORCE++ (arXiv 2501.03262) with verifiable rewards (RLVR)",
         trainer="trainers.reinforce:ReinforcePPTrainer", runner=run_verifiable, default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt with the group baseline,
         # short answers, a large learning rate.
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
-            max_completion_length=6, advantage_estimator="reinforce++_baseline", logging_steps=20, save_strategy="no",
-            report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=150, num_generations=4,
+                                                   advantage_estimator="reinforce++_baseline"),
     ),
     "decoupled_gdpo": Recipe(
         summary="Reward-decoupled GDPO (arXiv 2601.05242): a verifier and a format check (RLVR)",
-        trainer="trainers.decoupled_gdpo:GDPOTrainer", runner=run_verifiable_with_format_reward, default_dataset="comparisons",
+        trainer="trainers.decoupled_gdpo:GDPOTrainer", runner=run_verifiable_with_format_reward,
+        default_dataset="comparisons",
         # For the embedded tiny model only (after its SFT warm start): four samples a prompt, short answers, a large
         # learning rate.
-        embedded_defaults=dict(
-            learning_rate=1e-3, max_steps=150, per_device_train_batch_size=16, num_generations=4,
-            max_completion_length=6, logging_steps=20, save_strategy="no", report_to="none",
-        ),
+        embedded_defaults=tiny_model_rlvr_defaults(max_steps=150, num_generations=4),
     ),
     "online_dpo": Recipe(
         summary="Online DPO (arXiv 2402.04792) on pairs sampled from the policy, judged by a verifier",

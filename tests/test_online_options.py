@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pandas
@@ -221,41 +220,37 @@ def test_reward_model_path_is_second_to_the_trainers_rankers(tmp_path, tiny_mode
         OnlineDPOTrainer(tiny_model_path, args=args, train_dataset=_prompts())
 
 
-class FakeTracker(types.ModuleType):
-    """A module standing in for trackio (not installed here; the real wandb is tested below) with what
-    `completion_log` uses of both: a `run` (None before one starts, as wandb's), `Table(dataframe=...)` and `log(...)`,
-    recorded."""
-
-    def __init__(self, name, run=True):
-        super().__init__(name)
-        self.run = object() if run else None
-        self.logged = []
-        self.Table = lambda dataframe: dataframe
-
-    def log(self, values):
-        self.logged.append(values)
-
-
 def test_trackers_get_the_table_and_unique_prompts_dedupes_it(tmp_path, monkeypatch):
-    wandb, trackio = FakeTracker("wandb"), FakeTracker("trackio")
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    monkeypatch.setitem(sys.modules, "trackio", trackio)
-    assert active_trackers(["wandb", "trackio"]) == [wandb, trackio] and active_trackers(["tensorboard"]) == []
-    monkeypatch.setitem(sys.modules, "wandb", FakeTracker("wandb", run=False))
-    assert active_trackers(["wandb"]) == []  # W&B takes tables only once a run is started
-
+    """The real trackio client (local) takes the table, deduplicated by prompt with `log_unique_prompts`; the saved
+    parquet keeps every row."""
+    trackio = pytest.importorskip("trackio")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    assert active_trackers(["trackio"]) == [trackio] and active_trackers(["tensorboard"]) == []
     prompts = [[{"role": "user", "content": "a"}]] * 2 + [[{"role": "user", "content": "b"}]] * 2
-    for unique, rows in ((False, 4), (True, 2)):
-        log = CompletionLog(str(tmp_path / str(unique)), capacity=4, unique_prompts=unique)
-        log.record(prompts, ["w", "x", "y", "z"], {"r": [1.0, 2.0, 3.0, 4.0]}, [0.5, -0.5, 0.5, -0.5], {})
-        log.write(7, [trackio])
-        table = trackio.logged[-1]["completions"]
-        assert len(table) == rows and list(table["completion"]) == (["w", "y"] if unique else ["w", "x", "y", "z"])
-        # The saved table keeps every row; only the trackers' table is deduplicated.
-        assert len(pandas.read_parquet(tmp_path / str(unique) / "completions_00007.parquet")) == 4
-    log.record(["c"] * 4, ["1", "2", "3", "4"], {"r": [0.0] * 4}, None, {"note": ["n"] * 4})
-    assert log.columns(8)["completion"] == ["1", "2", "3", "4"]  # the oldest rows dropped out
-    assert list(log.columns(8)) == ["step", "prompt", "completion", "r", "note"]
+    trackio.init(project="hf_align-test")
+    logged = []
+    log = trackio.log
+
+    def recorded_log(values, *args, **kwargs):
+        logged.append(values)
+        return log(values, *args, **kwargs)
+
+    monkeypatch.setattr(trackio, "log", recorded_log)
+    try:
+        for unique, rows in ((False, 4), (True, 2)):
+            completion_log = CompletionLog(str(tmp_path / str(unique)), capacity=4, unique_prompts=unique)
+            completion_log.record(prompts, ["w", "x", "y", "z"], {"r": [1.0, 2.0, 3.0, 4.0]}, [0.5, -0.5, 0.5, -0.5],
+                                  {})
+            completion_log.write(7, [trackio])
+            table = logged[-1]["completions"].data
+            assert [row["completion"] for row in table] == (["w", "y"] if unique else ["w", "x", "y", "z"])
+            assert len(table) == rows
+            assert len(pandas.read_parquet(tmp_path / str(unique) / "completions_00007.parquet")) == 4
+    finally:
+        trackio.finish()
+    completion_log.record(["c"] * 4, ["1", "2", "3", "4"], {"r": [0.0] * 4}, None, {"note": ["n"] * 4})
+    assert completion_log.columns(8)["completion"] == ["1", "2", "3", "4"]  # the oldest rows dropped out
+    assert list(completion_log.columns(8)) == ["step", "prompt", "completion", "r", "note"]
 
 
 def test_a_real_wandb_run_takes_the_completions_table(tmp_path, monkeypatch):

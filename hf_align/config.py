@@ -159,6 +159,17 @@ class PackingArguments:
 
 
 @dataclass
+class ReferenceArguments:
+    """TRL's reference-model fields of the offline trainers that score completions against a reference (DPO and its
+    variants, KTO), read by `AlignTrainer.setup_reference`."""
+
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
+    )
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
+
+
+@dataclass
 class PadTokenArguments:
     """TRL's (deprecated) `pad_token` field (`models.prepare_tokenizer`)."""
 

@@ -16,6 +16,7 @@ from ..config import (
     AlignConfig,
     PackingArguments,
     PadTokenArguments,
+    ReferenceArguments,
     RouterAuxLossArguments,
 )
 from ..logprobs import CompletionLogProbs
@@ -33,7 +34,7 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 
 
 @dataclass
-class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, PadTokenArguments,
+class DPOConfig(AlignConfig, PackingArguments, ReferenceArguments, ReferenceSyncArguments, PadTokenArguments,
                 ActivationOffloadingArguments, RouterAuxLossArguments):
     """Configuration of `DPOTrainer`; TRL's field names and defaults.
 
@@ -81,10 +82,6 @@ class DPOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, PadTokenA
     discopop_tau: float = field(
         default=0.05, metadata={"help": "τ > 0 of loss_type='discopop', the temperature of its blend."}
     )
-    precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
-    )
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
     pad_to_multiple_of: int | str | None = field(
         default="auto", metadata={"help": "Pad sequence lengths to a multiple of this ('auto': none; TRL pads to 128 "
                                   "on AWS Neuron only)."}

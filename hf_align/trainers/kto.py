@@ -14,7 +14,13 @@ from trl.data_utils import unpair_preference_dataset
 
 from .. import data, losses, models
 from .. import packing
-from ..config import ActivationOffloadingArguments, AlignConfig, PackingArguments, RouterAuxLossArguments
+from ..config import (
+    ActivationOffloadingArguments,
+    AlignConfig,
+    PackingArguments,
+    ReferenceArguments,
+    RouterAuxLossArguments,
+)
 from ..logprobs import CompletionLogProbs
 from ..reference_sync import ReferenceSync, ReferenceSyncArguments
 from ..trainer import AlignTrainer
@@ -32,8 +38,8 @@ KTO_CITATION = """@article{ethayarajh2024kto,
 
 
 @dataclass
-class KTOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, ActivationOffloadingArguments,
-                RouterAuxLossArguments):
+class KTOConfig(AlignConfig, PackingArguments, ReferenceArguments, ReferenceSyncArguments,
+                ActivationOffloadingArguments, RouterAuxLossArguments):
     """Configuration of `KTOTrainer`; TRL's field names and defaults.
 
     `loss_type="kto"` estimates the reference point z0 from mismatched pairs built per batch by position, so it needs
@@ -51,10 +57,6 @@ class KTOConfig(AlignConfig, PackingArguments, ReferenceSyncArguments, Activatio
     undesirable_weight: float = field(
         default=1.0, metadata={"help": "λU, the weight of undesirable examples' losses."}
     )
-    precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute reference log-probs once before training, then drop the reference."}
-    )
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
     pad_to_multiple_of: int | str | None = field(
         default="auto", metadata={"help": "Pad sequence lengths to a multiple of this ('auto': none; TRL pads to 128 "
                                   "on AWS Neuron only)."}

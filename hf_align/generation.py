@@ -260,12 +260,35 @@ def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConf
     prompts = list(prompts)
     if not prompts:
         raise ValueError("`prompts` is empty: nothing to generate.")
+    prompt_ids = encode_prompts(tokenizer, prompts, sampling.chat_template_kwargs)
+    rows = [ids for ids in prompt_ids for _ in range(sampling.num_generations)]
+    completions = _sample_rows(model, tokenizer, rows, sampling)
+    return Completions(
+        prompt_ids=prompt_ids,
+        completion_ids=data.pad(completions, tokenizer.pad_token_id),
+        completion_mask=data.pad([torch.ones_like(ids) for ids in completions], 0),
+        texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
+    )
+
+
+def generate_continuations(model, tokenizer, prefixes: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """One sampled continuation of each token-id prefix (e.g. a conversation so far, ending in the assistant's turn
+    header), cut after its first stop token, without gradients: the next turn of multi-turn rollouts. Prefixes are
+    used as given (no chat template, no repetition: `sampling.num_generations` must be 1)."""
+    if sampling.num_generations != 1:
+        raise ValueError(f"generate_continuations samples one continuation per prefix; repeat the prefixes instead of "
+                         f"num_generations={sampling.num_generations}.")
+    if not prefixes:
+        raise ValueError("`prefixes` is empty: nothing to generate.")
+    return [ids.tolist() for ids in _sample_rows(model, tokenizer, [list(ids) for ids in prefixes], sampling)]
+
+
+def _sample_rows(model, tokenizer, rows: list[list[int]], sampling: SamplingConfig) -> list[torch.Tensor]:
+    """One sampled completion of each row of token ids, cut after its first stop token."""
     generator = models.unwrap_wrappers(model)
     device = next(generator.parameters()).device
-    prompt_ids = encode_prompts(tokenizer, prompts, sampling.chat_template_kwargs)
     stop_ids = stop_token_ids(generator, tokenizer)
     config = _generation_config(sampling, stop_ids, tokenizer.pad_token_id)
-    rows = [ids for ids in prompt_ids for _ in range(sampling.num_generations)]
     was_training = model.training
     model.eval()
     try:
@@ -276,10 +299,4 @@ def generate_completions(model, tokenizer, prompts: list, sampling: SamplingConf
                 generated = _generate_in_batches(generator, rows, config, sampling, tokenizer.pad_token_id, device)
     finally:
         model.train(was_training)
-    completions = _cut_after_stop(generated, torch.tensor(stop_ids))
-    return Completions(
-        prompt_ids=prompt_ids,
-        completion_ids=data.pad(completions, tokenizer.pad_token_id),
-        completion_mask=data.pad([torch.ones_like(ids) for ids in completions], 0),
-        texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
-    )
+    return _cut_after_stop(generated, torch.tensor(stop_ids))

@@ -60,16 +60,12 @@ TOOL_CHAT_TEMPLATE = (
     "{{- '<|im_end|>' }}"
     "{%- endgeneration %}"
     "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+) + defaults.CHAT_TEMPLATE[defaults.CHAT_TEMPLATE.index("{%- else %}"):]  # other turns as in the default ChatML
 
 SEED = 4321
 N_TRAIN = 400
 N_TEST = 50
+N_SFT = 2000  # warm-start conversations: the training questions and further ones, never a test question
 TOOL_USE_FRACTION = 0.5  # of the warm-start questions offered the tool, those answered through it
 NO_TOOL_FRACTION = 0.25  # of the warm-start questions, those asked without the tool
 
@@ -108,22 +104,24 @@ def _evaluate(node: ast.AST) -> int | float:
 
 
 def calculator(expression: str) -> str:
-    """Evaluates an arithmetic expression and returns its value.
+    """Evaluates an arithmetic expression and returns the equation with its value, e.g. "37 * 46 = 1702".
 
     Args:
         expression: The expression to evaluate, e.g. "37 * 46" (numbers, + - * / // % ** and parentheses).
     """
-    value = _evaluate(ast.parse(expression.strip(), mode="eval").body)
-    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+    expression = expression.strip()
+    value = _evaluate(ast.parse(expression, mode="eval").body)
+    return f"{expression} = {int(value) if float(value).is_integer() else f'{value:.6g}'}"
 
 
 # ------------------------------------------------------------------------------------------------------------ data
 
 
 def _questions() -> list[tuple[int, int]]:
-    """`N_TRAIN + N_TEST` distinct operand pairs (10-99), in a seeded order."""
+    """Distinct operand pairs (10-99) in a seeded order: the test questions (`N_TEST`), then the training ones
+    (`N_TRAIN`), then the warm start's further ones (up to `N_SFT` with the training ones)."""
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    return random.Random(SEED).sample(pairs, N_TRAIN + N_TEST)
+    return random.Random(SEED).sample(pairs, N_TEST + max(N_TRAIN, N_SFT))
 
 
 def _prompt(a: int, b: int) -> list[dict]:
@@ -137,29 +135,30 @@ def load_prompts(split: str = "train"):
     if split not in ("train", "test"):
         raise ValueError(f"Unknown split {split!r}; valid splits: train, test.")
     pairs = _questions()
-    pairs = pairs[:N_TRAIN] if split == "train" else pairs[N_TRAIN:]
+    pairs = pairs[N_TEST : N_TEST + N_TRAIN] if split == "train" else pairs[:N_TEST]
     return Dataset.from_list([{"prompt": _prompt(a, b), "answer": str(a * b)} for a, b in pairs])
 
 
-def _final_answer(answer: str) -> dict:
-    return {"role": "assistant", "content": f"The answer is {answer}."}
+def _final_answer(a: int, b: int) -> dict:
+    """The equation with its value, as the calculator returns it: after a tool call the model repeats the tool's
+    result token for token (copying what followed the same tokens before, which the tiny model learns)."""
+    return {"role": "assistant", "content": f"{a} * {b} = {a * b}"}
 
 
 def sft_dataset():
-    """Warm-start conversations (`messages`, `tools` as JSON or None) on the training questions: a `NO_TOOL_FRACTION`
-    asked without the tool answer directly; of the others, a `TOOL_USE_FRACTION` call the calculator and copy its
-    result, the rest answer directly (right answers the model cannot compute: it learns to guess)."""
+    """`N_SFT` warm-start conversations (`messages`, `tools` as JSON or None), none on a test question: a
+    `NO_TOOL_FRACTION` asked without the tool answer directly; of the others, a `TOOL_USE_FRACTION` call the
+    calculator and copy its result, the rest answer directly (right answers the model cannot compute: it guesses)."""
     from datasets import Dataset
 
     rng = random.Random(SEED + 1)
     schema = json.dumps([get_json_schema(calculator)])
     rows = []
-    for a, b in _questions()[:N_TRAIN]:
-        answer = str(a * b)
+    for a, b in _questions()[N_TEST : N_TEST + N_SFT]:
         if rng.random() < NO_TOOL_FRACTION:
-            rows.append({"messages": _prompt(a, b) + [_final_answer(answer)], "tools": None})
+            rows.append({"messages": _prompt(a, b) + [_final_answer(a, b)], "tools": None})
             continue
-        turns = [_final_answer(answer)]
+        turns = [_final_answer(a, b)]
         if rng.random() < TOOL_USE_FRACTION:
             call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}}
             turns = [{"role": "assistant", "content": "", "tool_calls": [call]},
@@ -193,7 +192,7 @@ def warm_start(output_dir: str, **config) -> str:
 
     if os.path.isfile(os.path.join(output_dir, "model.safetensors")):
         return output_dir
-    settings = dict(learning_rate=3e-3, num_train_epochs=20, lr_scheduler_type="constant",
+    settings = dict(learning_rate=3e-3, num_train_epochs=5, lr_scheduler_type="constant",
                     per_device_train_batch_size=16, assistant_only_loss=True, logging_steps=50, save_strategy="no",
                     report_to="none", seed=0)
     args = SFTConfig(output_dir=output_dir, **{**settings, **config})

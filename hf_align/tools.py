@@ -180,7 +180,8 @@ def call_tool(tools: dict[str, Callable], call: dict, timeout_s: float = DEFAULT
     an unsupported call type, bad arguments, an exception or a timeout gives `str({"error": message})` (TRL's)."""
     if call.get("type") != "function":
         name = call.get("name", "unknown")
-        return {"role": "tool", "name": name, "content": str({"error": f"Unsupported tool call type: {call.get('type')}"})}, True
+        error = f"Unsupported tool call type: {call.get('type')}"
+        return {"role": "tool", "name": name, "content": str({"error": error})}, True
     name = call["function"]["name"]
     try:
         if name not in tools:
@@ -344,7 +345,7 @@ class EnvironmentPool:
         return [EnvironmentReward(cls) for cls in classes if callable(getattr(cls, "get_reward", None))]
 
     def tools(self) -> list[Callable]:
-        """Every environment's tools (one instance's methods each): TRL's `trainer.tools` besides the standalone ones."""
+        """Every environment's tools (one instance's methods each): TRL's `trainer.tools` but the standalone ones."""
         return [tool for pool in self.instances.values() for tool in environment_tools(pool[0])]
 
     def start(self, rows: list[dict]) -> tuple[list, list]:
@@ -385,8 +386,8 @@ def _check_rows(output: dict, key: str, count: int, is_item: Callable, item: str
     (each as long as `lengths[i]`, when given)."""
     rows = output[key]
     if not isinstance(rows, (list, tuple)) or len(rows) != count:
-        raise ValueError(f"rollout_func's {key!r} must be a list with one row per prompt ({count}), got "
-                         f"{type(rows).__name__}{f' of length {len(rows)}' if isinstance(rows, (list, tuple)) else ''}.")
+        got = f"a list of {len(rows)}" if isinstance(rows, (list, tuple)) else type(rows).__name__
+        raise ValueError(f"rollout_func's {key!r} must be a list with one row per prompt ({count}), got {got}.")
     for index, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or not all(is_item(value) for value in row):
             raise ValueError(f"rollout_func's {key!r}, row {index}: expected a list of {item}, got {row!r:.80}.")

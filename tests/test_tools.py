@@ -135,7 +135,7 @@ def test_call_tool_results_and_failures():
         return call_tool(tools, {"type": kind, "function": {"name": name, "arguments": arguments or {}}}, 0.2)
 
     assert call("calculator", {"expression": "6 * 7"}) == ({"role": "tool", "name": "calculator",
-                                                            "content": "42"}, False)
+                                                            "content": "6 * 7 = 42"}, False)
     assert call("doubled", {"x": 4})[0]["content"] == "8"
     assert call("fails") == ({"role": "tool", "name": "fails", "content": "{'error': 'broken'}"}, True)
     assert call("exits")[0]["content"] == "{'error': 'the tool raised SystemExit'}"
@@ -155,7 +155,7 @@ def test_tool_mask_is_zero_exactly_on_tool_tokens(tokenizer, stop_ids):
     episodes = run(tokenizer, stop_ids, scripted(tokenizer, CALL, ANSWER))
     messages = episodes.completions[0]
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant"]
-    assert messages[1] == {"role": "tool", "name": "calculator", "content": "1702"}
+    assert messages[1] == {"role": "tool", "name": "calculator", "content": "37 * 46 = 1702"}
     assert messages[2]["content"] == "The answer is 1702."
     rendered = tokenizer.apply_chat_template(PROMPT + messages, tools=[tool_task.calculator], tokenize=True,
                                              return_dict=True, return_assistant_tokens_mask=True)
@@ -178,8 +178,8 @@ def test_max_iterations(tokenizer, stop_ids):
 
 def test_max_completion_length_rolls_back_and_cuts(tokenizer, stop_ids):
     call_length = len(tokenizer(CALL)["input_ids"])
-    suffix_length = len(tool_suffix_ids(tokenizer, [{"role": "tool", "name": "calculator", "content": "1702"}],
-                                        stop_ids))
+    result = {"role": "tool", "name": "calculator", "content": tool_task.calculator("37 * 46")}
+    suffix_length = len(tool_suffix_ids(tokenizer, [result], stop_ids))
     # The result does not fit: rolled back, the episode ends at its (executed, counted) call.
     episodes = run(tokenizer, stop_ids, scripted(tokenizer, CALL, ANSWER),
                    max_completion_length=call_length + suffix_length - 1)
@@ -349,7 +349,8 @@ def test_python_tool_schema_and_sandbox():
 
 
 def test_calculator_and_answer_reward():
-    assert tool_task.calculator("37 * 46") == "1702" and tool_task.calculator("(2 + 3) ** 2 / 4") == "6.25"
+    assert tool_task.calculator(" 37 * 46") == "37 * 46 = 1702"
+    assert tool_task.calculator("(2 + 3) ** 2 / 4") == "(2 + 3) ** 2 / 4 = 6.25"
     with pytest.raises(ValueError):
         tool_task.calculator("__import__('os')")
     with pytest.raises(ValueError):

@@ -94,6 +94,12 @@ class DataCollatorForPreference:
     def __post_init__(self):
         packing.check_prefix_truncation(self.prefix_sharing, self.max_length, self.truncation_mode)
 
+    @classmethod
+    def from_config(cls, pad_token_id: int, args):
+        """The collator `args` (a Config with `PackingArguments` and `pad_to_multiple_of`) sets up."""
+        return cls(pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of, args.prefix_sharing,
+                   args.padding_free)
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [example["prompt_ids"] for example in examples]
         chosen = [example["chosen_ids"] for example in examples]

@@ -232,10 +232,7 @@ class DistributionalGDPOTrainer(DPOTrainer):
         return data.drop_rows(dataset, name, fits, reason, args.dataset_num_proc)
 
     def default_collator(self, args):
-        return DataCollatorForBeliefPreference(
-            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
-            args.prefix_sharing, args.padding_free,
-        )
+        return DataCollatorForBeliefPreference.from_config(self.tokenizer.pad_token_id, args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         preference_loss, outputs = super().compute_loss(model, inputs, return_outputs=True)

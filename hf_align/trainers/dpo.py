@@ -122,54 +122,16 @@ class DPOConfig(AlignConfig, PackingArguments, ReferenceArguments, ReferenceSync
         super().__post_init__()
 
 
-class DPOTrainer(AlignTrainer):
-    """Trains `model` on preference pairs against a reference: `ref_model` if given; with peft, the starting policy
-    (its adapter disabled while that is the identity, else a frozen copy of the starting adapter); otherwise a frozen
-    in-memory copy of `model` (none at all with `precompute_ref_log_probs`)."""
+class DPOLoss:
+    """DPO's loss on a collated batch of pairs (`DataCollatorForPreference`), with the metrics TRL logs for it recorded
+    on `trainer` (whose `args` are a `DPOConfig`): `DPOTrainer`'s loss, and each SPIN round's."""
 
-    config_class = DPOConfig
-    algorithm = "DPO"
-    paper = {"title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
-             "id": "2305.18290", "citation": DPO_CITATION}
-    dataset_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+    def __init__(self, trainer: AlignTrainer):
+        self.trainer = trainer
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: DPOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        super().__init__(
-            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
-            optimizers, peft_config=peft_config, quantization_config=quantization_config,
-        )
-        self.setup_reference(ref_model, self.reference_logps)
-        self.reference_sync = ReferenceSync.attach(self)
-
-    def prepare_dataset(self, dataset, name, args):
-        dataset, self.dropped_rows[name] = preference.prepare_preference_dataset(
-            dataset, self.tokenizer, name, args, keep_columns=("ref_chosen_logps", "ref_rejected_logps")
-        )
-        return dataset
-
-    def prepare_eval_dataset(self, dataset, name):
-        dataset = super().prepare_eval_dataset(dataset, name)
-        return self.precompute_eval_reference(dataset, name, self.reference_logps, "ref_chosen_logps")
-
-    def default_collator(self, args):
-        return DataCollatorForPreference(
-            self.tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
-            args.prefix_sharing, args.padding_free,
-        )
+    @property
+    def args(self) -> DPOConfig:
+        return self.trainer.args
 
     def pair_logps(self, logprobs: CompletionLogProbs) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen and the rejected completions' log-probs, `[B]` each, from a batch's `[2B, ...]` token log-probs:
@@ -180,25 +142,21 @@ class DPOTrainer(AlignTrainer):
         (chosen, rejected), (chosen_mask, rejected_mask) = logprobs.token_logps.chunk(2), logprobs.mask.chunk(2)
         return losses.length_desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, self.args.ld_alpha)
 
-    def reference_logps(self, batch) -> dict[str, torch.Tensor]:
-        """The batch's completion log-probs under the reference (`pair_logps`), `{"ref_chosen_logps": [B], ...}`."""
-        with models.reference_model(self.model, self.ref_model) as reference:
-            chosen, rejected = self.pair_logps(batch_logprobs(reference, batch))
-        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def __call__(self, model, inputs, reference_logps=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(loss, {"chosen_logps", "rejected_logps"})` of the batch `inputs` under `model`. The reference log-probs
+        are the batch's `ref_chosen_logps` / `ref_rejected_logps`, or `reference_logps(inputs)` where it has none."""
         policy = batch_logprobs(model, inputs, with_stats=True)
         chosen_logps, rejected_logps = self.pair_logps(policy)
-        reference = inputs if "ref_chosen_logps" in inputs else self.reference_logps(inputs)
+        reference = inputs if "ref_chosen_logps" in inputs else reference_logps(inputs)
         chosen_logratios = chosen_logps - reference["ref_chosen_logps"]
         rejected_logratios = rejected_logps - reference["ref_rejected_logps"]
         per_pair = self.pair_losses(policy, chosen_logratios, rejected_logratios, reference)
         if self.args.use_weighting:
             per_pair = per_pair * self.wpo_pair_weights(model, inputs, policy)
-        loss = self.add_router_aux_loss(per_pair.mean(), policy)
-        self._record_preference_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
-        self.record_tokens(batch_token_count(inputs))
-        return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
+        loss = self.trainer.add_router_aux_loss(per_pair.mean(), policy)
+        self.record_metrics(policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
+        self.trainer.record_tokens(batch_token_count(inputs))
+        return loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}
 
     def pair_losses(self, policy: CompletionLogProbs, chosen_logratios, rejected_logratios, reference) -> torch.Tensor:
         """`Σ_k loss_weights[k] · loss_type[k]` per pair, `[B]` (`losses.dpo_loss`); TRL's loss is its batch mean."""
@@ -232,23 +190,87 @@ class DPOTrainer(AlignTrainer):
         chosen, rejected = weights.chunk(2)
         return chosen * rejected
 
-    def _record_preference_metrics(self, policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios):
-        chosen_rewards = self.args.beta * chosen_logratios.detach()
-        rejected_rewards = self.args.beta * rejected_logratios.detach()
-        self.record_metric("rewards/chosen", chosen_rewards)
-        self.record_metric("rewards/rejected", rejected_rewards)
-        self.record_metric("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
-        self.record_metric("rewards/margins", chosen_rewards - rejected_rewards)
-        self.record_metric("logps/chosen", chosen_logps)
-        self.record_metric("logps/rejected", rejected_logps)
-        chosen_mask, rejected_mask = policy.mask.chunk(2)
-        chosen_mean_logit, rejected_mean_logit = policy.mean_logit.chunk(2)
-        self.record_token_mean("logits/chosen", chosen_mean_logit, chosen_mask)
-        self.record_token_mean("logits/rejected", rejected_mean_logit, rejected_mask)
-        self.record_token_mean("entropy", policy.entropy, policy.mask)
-        self.record_token_mean("mean_token_accuracy", policy.is_top1.chunk(2)[0].float(), chosen_mask)
-
     def card_hyperparameters(self) -> dict:
+        """The `DPOConfig` fields a model card lists."""
         names = ("beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type", "use_weighting",
                  "ld_alpha", "sync_ref_model")
         return {name: getattr(self.args, name) for name in names}
+
+    def record_metrics(self, policy, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios) -> None:
+        trainer = self.trainer
+        chosen_rewards = self.args.beta * chosen_logratios.detach()
+        rejected_rewards = self.args.beta * rejected_logratios.detach()
+        trainer.record_metric("rewards/chosen", chosen_rewards)
+        trainer.record_metric("rewards/rejected", rejected_rewards)
+        trainer.record_metric("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+        trainer.record_metric("rewards/margins", chosen_rewards - rejected_rewards)
+        trainer.record_metric("logps/chosen", chosen_logps)
+        trainer.record_metric("logps/rejected", rejected_logps)
+        chosen_mask, rejected_mask = policy.mask.chunk(2)
+        chosen_mean_logit, rejected_mean_logit = policy.mean_logit.chunk(2)
+        trainer.record_token_mean("logits/chosen", chosen_mean_logit, chosen_mask)
+        trainer.record_token_mean("logits/rejected", rejected_mean_logit, rejected_mask)
+        trainer.record_token_mean("entropy", policy.entropy, policy.mask)
+        trainer.record_token_mean("mean_token_accuracy", policy.is_top1.chunk(2)[0].float(), chosen_mask)
+
+
+class DPOTrainer(AlignTrainer):
+    """Trains `model` on preference pairs against a reference: `ref_model` if given; with peft, the starting policy
+    (its adapter disabled while that is the identity, else a frozen copy of the starting adapter); otherwise a frozen
+    in-memory copy of `model` (none at all with `precompute_ref_log_probs`). The loss is `DPOLoss`'s."""
+
+    config_class = DPOConfig
+    algorithm = "DPO"
+    paper = {"title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+             "id": "2305.18290", "citation": DPO_CITATION}
+    dataset_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+            optimizers, peft_config=peft_config, quantization_config=quantization_config,
+        )
+        self.dpo_loss = DPOLoss(self)
+        self.setup_reference(ref_model, self.reference_logps)
+        self.reference_sync = ReferenceSync.attach(self)
+
+    def prepare_dataset(self, dataset, name, args):
+        dataset, self.dropped_rows[name] = preference.prepare_preference_dataset(
+            dataset, self.tokenizer, name, args, keep_columns=("ref_chosen_logps", "ref_rejected_logps")
+        )
+        return dataset
+
+    def prepare_eval_dataset(self, dataset, name):
+        dataset = super().prepare_eval_dataset(dataset, name)
+        return self.precompute_eval_reference(dataset, name, self.reference_logps, "ref_chosen_logps")
+
+    def default_collator(self, args):
+        return DataCollatorForPreference.from_config(self.tokenizer.pad_token_id, args)
+
+    def reference_logps(self, batch) -> dict[str, torch.Tensor]:
+        """The batch's completion log-probs under the reference (`DPOLoss.pair_logps`),
+        `{"ref_chosen_logps": [B], ...}`."""
+        with models.reference_model(self.model, self.ref_model) as reference:
+            chosen, rejected = self.dpo_loss.pair_logps(batch_logprobs(reference, batch))
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.dpo_loss(model, inputs, self.reference_logps)
+        return (loss, outputs) if return_outputs else loss
+
+    def card_hyperparameters(self) -> dict:
+        return self.dpo_loss.card_hyperparameters()

@@ -6,11 +6,12 @@ against the reference θt with the logistic loss `ℓ(λ·[log p(y|x)/pθt(y|x) 
 sigmoid loss with β = λ — for `num_train_epochs` (or `max_steps`); θt+1 is the result. At the fixed point the
 policy is the data distribution and ground truth and samples can no longer be told apart.
 
-Everything about a round's training is `DPOTrainer`'s (tokenization, collator, loss types, metrics). What SPIN adds:
-the rounds, the generation (`hf_align.generation`), and the reference: θt is the policy at the round's start, so its
-log-probs of the round's pairs are computed then, once, with the policy itself — no copy of the weights is kept, for
-full fine-tuning and peft alike (the adapter stays active: θt includes it). That is one no-gradient pass over the
-pairs per round, cheaper than a frozen reference model (a copy in memory and a forward pass per step).
+A round's training is a DPO run: its pairs are tokenized as DPO's (`preference.prepare_preference_dataset`), batched by
+DPO's collator and trained with DPO's loss, loss types and metrics (`DPOLoss`). What SPIN adds: the rounds, the
+generation (`hf_align.generation`), and the reference: θt is the policy at the round's start, so its log-probs of the
+round's pairs are computed then, once, with the policy itself — no copy of the weights is kept, for full fine-tuning
+and peft alike (the adapter stays active: θt includes it). That is one no-gradient pass over the pairs per round,
+cheaper than a frozen reference model (a copy in memory and a forward pass per step).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers.trainer_utils import TrainOutput
 
-from .. import checkpoints, data, distributed
+from .. import checkpoints, data, distributed, preference
 from ..generation import SamplingConfig, generate_completions
 from ..packing import batch_logprobs
-from .dpo import DPOConfig, DPOTrainer
+from ..preference import DataCollatorForPreference
+from ..trainer import AlignTrainer
+from .dpo import DPOConfig, DPOLoss, DPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def split_sft_row(row: dict, where: str, *, kind: str, conversational: bool) -> 
     return {"prompt": row["prompt"], "completion": row["completion"]}
 
 
-class SPINTrainer(DPOTrainer):
+class SPINTrainer(AlignTrainer):
     """Self-play fine-tuning on SFT data (`prompt`/`completion`, text or conversational, or `messages`).
 
     `train()` runs `args.num_rounds` rounds. Each starts with `start_round`: one response per prompt is sampled from
@@ -118,6 +121,7 @@ class SPINTrainer(DPOTrainer):
     algorithm = "SPIN"
     paper = {"title": "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models",
              "id": "2401.01335", "citation": SPIN_CITATION}
+    dataset_columns = DPOTrainer.dataset_columns  # a round trains on DPO pairs with their reference columns
 
     def __init__(
         self,
@@ -136,10 +140,12 @@ class SPINTrainer(DPOTrainer):
         if any(optimizer is not None for optimizer in optimizers):
             raise ValueError("SPIN makes a fresh optimizer and schedule for each round: `optimizers` cannot be given.")
         super().__init__(
-            model, None, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
-            callbacks, optimizers, quantization_config=quantization_config, peft_config=peft_config,
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+            optimizers, peft_config=peft_config, quantization_config=quantization_config,
         )
-        # `prepare_dataset` checked the SFT rows; each round turns them into pairs.
+        self.dpo_loss = DPOLoss(self)
+        self.ref_model = None  # θt scores each round's pairs as it starts (`start_round`): no reference model
+        # `prepare_dataset` checked the SFT rows; the Trainer's datasets are the pairs each round makes of them.
         self.sft_datasets = {"train": self.train_dataset, "eval": self.eval_dataset}
         self.train_dataset = self.eval_dataset = None
         self.round: int | None = None
@@ -179,15 +185,14 @@ class SPINTrainer(DPOTrainer):
             "reference): pass the held-out SFT rows as `eval_dataset` when building the trainer."
         )
 
-    def setup_reference(self, ref_model, compute) -> None:
-        # No reference model: each round's reference columns come from the policy at its start (`start_round`).
-        self.ref_model = None
+    def default_collator(self, args):
+        return DataCollatorForPreference.from_config(self.tokenizer.pad_token_id, args)
 
-    # -- log-probs -------------------------------------------------------------------------------------------------
+    # -- log-probs and loss ----------------------------------------------------------------------------------------
     def policy_logps(self, batch) -> dict[str, torch.Tensor]:
-        """The batch's chosen and rejected log-probs (`pair_logps`) under the current policy, no gradients."""
+        """The batch's chosen and rejected log-probs (`DPOLoss.pair_logps`) under the current policy, no gradients."""
         with torch.no_grad():
-            chosen, rejected = self.pair_logps(batch_logprobs(self.model, batch))
+            chosen, rejected = self.dpo_loss.pair_logps(batch_logprobs(self.model, batch))
         return {"chosen_logps": chosen, "rejected_logps": rejected}
 
     def reference_logps(self, batch) -> dict[str, torch.Tensor]:
@@ -198,6 +203,10 @@ class SPINTrainer(DPOTrainer):
         return self.precompute_reference(
             dataset, name, compute, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.dpo_loss(model, inputs)  # every batch of a round's pairs carries θt's log-probs
+        return (loss, outputs) if return_outputs else loss
 
     @staticmethod
     def _mean_gap(dataset, prefix: str = "") -> float:
@@ -230,7 +239,9 @@ class SPINTrainer(DPOTrainer):
             "prompt": prompts, "chosen": list(sft_dataset["completion"]), "rejected": self.generate_responses(prompts),
         })
         self.round_pairs[name] = pairs
-        prepared = super().prepare_dataset(pairs, round_name, self.args)
+        prepared, self.dropped_rows[round_name] = preference.prepare_preference_dataset(
+            pairs, self.tokenizer, round_name, self.args
+        )
         return self._score(prepared, round_name, self.reference_logps)
 
     def start_round(self, round_index: int) -> dict:
@@ -349,5 +360,5 @@ class SPINTrainer(DPOTrainer):
         return os.path.join(super()._get_output_dir(trial), f"round-{self.round}")
 
     def card_hyperparameters(self) -> dict:
-        return {**super().card_hyperparameters(), "num_rounds": self.args.num_rounds,
+        return {**self.dpo_loss.card_hyperparameters(), "num_rounds": self.args.num_rounds,
                 "max_new_tokens": self.args.max_new_tokens, "temperature": self.args.temperature}

@@ -192,7 +192,7 @@ def warm_start(output_dir: str, **config) -> str:
 
     if os.path.isfile(os.path.join(output_dir, "model.safetensors")):
         return output_dir
-    settings = dict(learning_rate=3e-3, num_train_epochs=5, lr_scheduler_type="constant",
+    settings = dict(learning_rate=3e-3, num_train_epochs=20, lr_scheduler_type="constant",
                     per_device_train_batch_size=16, assistant_only_loss=True, logging_steps=50, save_strategy="no",
                     report_to="none", seed=0)
     args = SFTConfig(output_dir=output_dir, **{**settings, **config})

@@ -1,6 +1,6 @@
 """What every online trainer shares (GRPO and its family, Online DPO): prompts in, completions sampled from the
-policy in groups, scored by reward functions / reward models, and each generation batch served as several
-optimisation steps. Subclasses implement `compute_advantages` (or override `score_rollout`) and `compute_loss`.
+policy in groups, scored by reward functions / reward models, advantages estimated (`estimators`), and each generation
+batch served as several optimisation steps. A trainer chooses an estimator, any reward shaping, and its loss.
 
 The batch arithmetic is TRL's (GRPOConfig): the dataloader yields one *generation batch* per process,
 `per_device_train_batch_size × steps_per_generation` rows (each prompt `num_generations` times, from
@@ -20,21 +20,20 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather, gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
 
-from . import data, distributed, losses, models
+from . import data, distributed, estimators, generation, losses, models
 from .completion_log import CompletionLog, active_trackers
 from .config import AlignConfig, PackingArguments, VLLMArguments
-from .generation import Completions, SamplingConfig
+from .generation import SamplingConfig
 from .logprobs import CompletionLogProbs
 from .reference_sync import ReferenceSync, ReferenceSyncArguments
 from .rewards import RewardScorer
-from .rollout import (
-    GroupSampler, completion_token_logprobs, concat_rollouts, sample_rollout, select_rollout_rows, shuffle_rollout,
-    split_rollout,
-)
+from .rollout import GroupSampler, Rollout, completion_token_logprobs, sample_rollout
 from .trainer import AlignTrainer
+from .value import CRITIC_ATTRIBUTE, CRITIC_WEIGHTS_NAME, ValueHead, critic_token_values, policy_logprobs_and_values
 
 logger = logging.getLogger(__name__)
 
@@ -196,22 +195,21 @@ class OnlineConfig(AlignConfig, PackingArguments, VLLMArguments):
             continuous_batching_config=self.transformers_continuous_batching_config,
         )
 
+    def kl_controller(self) -> losses.FixedKLController | losses.AdaptiveKLController | None:
+        """What sets β of the KL in the reward (estimators with a `beta` option): fixed at `beta`; None for a
+        trainer with no reward to put a KL in."""
+        return losses.FixedKLController(self.beta)
 
-def pad_rollout(rollout: dict, pad_to_multiple_of: int, pad_token_id: int) -> dict:
-    """The rollout with its prompt tensors left-padded and its completion tensors right-padded to a multiple of
-    `pad_to_multiple_of` tokens (TRL's `pad_to_multiple_of`): masked-out padding, so no number changes."""
-
-    def padding(width: int) -> int:
-        return -width % pad_to_multiple_of
-
-    prompt_pad, completion_pad = padding(rollout["prompt_ids"].size(1)), padding(rollout["completion_ids"].size(1))
-    return {
-        **rollout,
-        "prompt_ids": F.pad(rollout["prompt_ids"], (prompt_pad, 0), value=pad_token_id),
-        "prompt_mask": F.pad(rollout["prompt_mask"], (prompt_pad, 0), value=0),
-        "completion_ids": F.pad(rollout["completion_ids"], (0, completion_pad), value=pad_token_id),
-        "completion_mask": F.pad(rollout["completion_mask"], (0, completion_pad), value=0),
-    }
+    def greedy_sampling(self, batch_size: int) -> SamplingConfig:
+        """How a greedy baseline is decoded (estimators that need one): greedily, with the prompts rendered and the
+        engine chosen as for the samples (`chat_template_kwargs`, continuous batching); the sampling filters and
+        `generation_kwargs` do not apply."""
+        return SamplingConfig(
+            max_new_tokens=self.max_completion_length, temperature=0, batch_size=batch_size,
+            chat_template_kwargs=self.chat_template_kwargs,
+            continuous_batching=self.use_transformers_continuous_batching,
+            continuous_batching_config=self.transformers_continuous_batching_config,
+        )
 
 
 @dataclass
@@ -230,49 +228,29 @@ def completions_as_passed(prompts: list, texts: list[str]) -> list:
     return list(texts)
 
 
-@dataclass
-class ScoredSamples:
-    """One process's sampled completions, one per row of `rows` (whole groups, prompt-major), and their rewards:
-    what `OnlineTrainer.sample_and_score` returns before the loss's log-probs and the advantages are computed."""
-
-    rows: list[dict]
-    rollout: dict  # the tensors of `rollout.sample_rollout`, `is_truncated` and `completion_lengths`
-    texts: list[str]
-    rewards_per_func: torch.Tensor  # [n, F], this process's
-    extra_columns: dict[str, list]  # the reward functions' `log_extra` columns, one value per row
-
-    def select_groups(self, keep: torch.Tensor, group_size: int) -> ScoredSamples:
-        """The groups where `keep` (`[n / G]` bool) is True, in order."""
-        index = torch.arange(len(self.rows)).view(-1, group_size)[keep.cpu()].reshape(-1)
-        rows = index.tolist()
-        return ScoredSamples(
-            [self.rows[i] for i in rows], select_rollout_rows(self.rollout, index), [self.texts[i] for i in rows],
-            self.rewards_per_func[index.to(self.rewards_per_func.device)],
-            {name: [values[i] for i in rows] for name, values in self.extra_columns.items()},
-        )
-
-    @staticmethod
-    def concat(parts: list[ScoredSamples], pad_token_id: int) -> ScoredSamples:
-        """The rows of `parts` one after the other; a `log_extra` column missing from a part is None on its rows."""
-        columns = sorted({name for part in parts for name in part.extra_columns})
-        return ScoredSamples(
-            [row for part in parts for row in part.rows],
-            concat_rollouts([part.rollout for part in parts], pad_token_id),
-            [text for part in parts for text in part.texts],
-            torch.cat([part.rewards_per_func for part in parts]),
-            {name: [value for part in parts for value in part.extra_columns.get(name, [None] * len(part.rows))]
-             for name in columns},
-        )
+def group_rows(keep: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The row indexes `[n]` of the groups where `keep` (`[n / G]` bool) is True, in order."""
+    return torch.arange(keep.numel() * group_size).view(-1, group_size)[keep.cpu()].reshape(-1)
 
 
 class OnlineTrainer(AlignTrainer):
-    """The constructor of TRL's GRPOTrainer / RLOOTrainer, the generation-batch loop, reward scoring, the reference
-    (none with `beta=0`; the adapter disabled under peft; else a frozen copy), the generation metrics and the
-    completions table (`log_completions`, `completion_log`)."""
+    """The constructor of TRL's GRPOTrainer / RLOOTrainer, reward scoring, the reference (none with `beta=0`;
+    `ref_model` when given; the adapter disabled under peft; else a frozen copy), the critic when the estimator reads
+    values, the generation metrics and the completions table (`log_completions`, `completion_log`).
+
+    Each generation batch goes through the stages of `make_rollout`, each a method from `Rollout` to `Rollout`:
+
+        sample    the policy's completions of the rows' prompts                                  `sample`
+        score     the reward functions' scores (DAPO's dynamic sampling refills tied groups)     `score`
+        estimate  what the estimator declares (old log-probs, values, greedy rewards), the       `estimate`
+                  reference's log-probs, and the advantages (`estimators`)
+        update    `compute_loss` on each micro-batch of the shuffled rollout (the Trainer's step)
+
+    A trainer chooses its estimator (`estimator`), its reward shaping (`reward_shaping`) and its loss
+    (`compute_loss`)."""
 
     config_class = OnlineConfig
     dataset_columns = ("prompt",)
-    has_advantages = True  # whether `compute_advantages` returns advantages (the completions table shows them)
 
     def __init__(
         self,
@@ -287,6 +265,9 @@ class OnlineTrainer(AlignTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        *,
+        ref_model=None,
+        value_model=None,
     ):
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
             raise ValueError("`reward_funcs` is required: a reward function, a reward model (object or id), or a list.")
@@ -300,14 +281,23 @@ class OnlineTrainer(AlignTrainer):
             chat_template_kwargs=self.args.chat_template_kwargs,
             prepare_model=functools.partial(distributed.prepare_frozen_model, self.accelerator),
         )
-        self.ref_model = self.build_reference(None) if self.args.beta != 0 else None
+        self.ref_model = self.build_reference(ref_model) if self.args.beta != 0 else None
         if isinstance(self.args, ReferenceSyncArguments):
             self.reference_sync = ReferenceSync.attach(self)
+        self.kl_controller = self.args.kl_controller()
+        estimator = self.estimator()
+        if estimator is not None and "values" in estimator.needs:
+            # After peft wrapped the policy (which freezes every parameter it does not own), before `train()` builds
+            # the optimizer and the DDP wrapper.
+            self.attach_critic(value_model)
+        elif value_model is not None:
+            raise ValueError(f"value_model is a critic; {type(self).__name__} with these settings estimates "
+                             "advantages without one. Leave value_model unset.")
         # A group can be split between processes: each process samples from its own random stream (seed + its index),
         # or they would draw the same completions for their shares of the group.
         set_seed(self.args.seed, device_specific=True)
         self._step = 0  # micro-steps taken, as TRL counts them (for the generation cadence)
-        self._buffered_rollouts: list[dict] | None = None
+        self._buffered_rollouts: list[Rollout] | None = None
         self._warned_ties = False
         args = self.args
         # Every process gathers its rows for the table; the main process keeps, writes and pushes it.
@@ -315,6 +305,22 @@ class OnlineTrainer(AlignTrainer):
             os.path.join(args.output_dir, "completions"), args.generation_batch_size, args.num_completions_to_print,
             args.log_unique_prompts, args.log_completions_hub_repo, args.hub_private_repo, args.hub_token,
         ) if args.log_completions and self.accelerator.is_main_process else None
+
+    # -- what a trainer chooses ------------------------------------------------------------------------------------
+    def estimator(self) -> estimators.Estimator | None:
+        """The advantage estimator and its options (None: the trainer's own `estimate` stage)."""
+        raise NotImplementedError
+
+    def reward_shaping(self, completion_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named terms `[N]` added to the weighted reward of completions of `completion_lengths` tokens (every
+        process's), each logged as `rewards/<name>/mean`; none by default."""
+        return {}
+
+    def needs_old_logps(self) -> bool:
+        """Whether the loss needs the sampling policy's log-probs: only when an optimizer step falls between sampling
+        and the rollout's last use (otherwise the ratio is 1 and the loss uses the detached current log-probs)."""
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        return self.model.training and self.args.gradient_accumulation_steps % generate_every != 0
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_dataset(self, dataset, name, args):
@@ -353,13 +359,12 @@ class OnlineTrainer(AlignTrainer):
         self._step += 1
         return loss
 
-    def _prepare_inputs(self, rows: list[dict]) -> dict:
+    def _prepare_inputs(self, rows: list[dict]) -> Rollout:
         if not self.model.training:
-            return self.score_rollout(rows)
+            return self.make_rollout(rows)
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % generate_every == 0 or self._buffered_rollouts is None:
-            rollout = shuffle_rollout(self.score_rollout(rows))
-            self._buffered_rollouts = split_rollout(rollout, self.args.steps_per_generation)
+            self._buffered_rollouts = self.make_rollout(rows).shuffled().split(self.args.steps_per_generation)
         return self._buffered_rollouts[self._step % self.args.steps_per_generation]
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
@@ -373,22 +378,6 @@ class OnlineTrainer(AlignTrainer):
         if self.completion_log is not None:
             self.completion_log.write(self.state.global_step, active_trackers(self.args.report_to))
 
-    def save_training_state(self, checkpoint: str) -> None:
-        super().save_training_state(checkpoint)
-        # A checkpoint can fall inside a generation batch: the resumed run serves the rest of it from this process's
-        # buffer, as the uninterrupted run does (sampling it again would need the policy that sampled it).
-        generate_every = self.args.steps_per_generation * self.args.num_iterations
-        rollouts = self._buffered_rollouts if self._step % generate_every else None
-        torch.save({"step": self._step, "rollouts": rollouts}, self.rollouts_path(checkpoint))
-
-    def load_training_state(self, checkpoint: str) -> None:
-        super().load_training_state(checkpoint)
-        state = torch.load(self.rollouts_path(checkpoint), map_location=self.accelerator.device, weights_only=True)
-        self._step, self._buffered_rollouts = state["step"], state["rollouts"]
-
-    def rollouts_path(self, checkpoint: str) -> str:
-        return os.path.join(checkpoint, f"rollouts_{self.args.process_index}.pt")
-
     @property
     def group_size(self) -> int:
         return self.args.num_generations if self.model.training else self.args.num_generations_eval
@@ -396,59 +385,62 @@ class OnlineTrainer(AlignTrainer):
     def sampling_config(self, num_rows: int) -> SamplingConfig:
         return self.args.sampling(batch_size=max(num_rows, 1))
 
-    def score_rollout(self, rows: list[dict]) -> dict:
-        """Samples one completion per row (the rows hold each prompt `group_size` times) and scores them (with dynamic
-        sampling, replacing groups whose rewards all tie), computes what the loss needs (old log-probs when the policy
-        changes before the rollout is used up, reference log-probs with `beta != 0`) and sets this process's
-        `advantages`."""
-        samples = self.sample_and_score(rows)
+    def make_rollout(self, rows: list[dict]) -> Rollout:
+        """One generation batch, this process's share: `rows` hold each prompt `group_size` times. Sample, score
+        (with dynamic sampling, replace the groups whose rewards all tie), estimate."""
+        rollout = self.score(self.sample(rows))
         if self.model.training and self.dynamic_sampling_rounds is not None:
-            samples = self.dynamically_sampled(samples)
-        rollout = samples.rollout
-        self.record_generation_metrics(rollout, rollout["completion_lengths"], rollout["is_truncated"])
-        rollout["num_items_in_batch"] = self.accelerator.reduce(rollout["completion_mask"].sum(), reduction="sum")
-        with torch.no_grad():
-            if self.needs_old_logps():
-                rollout["old_logps"] = self.token_logps(self.model, rollout)
-            if self.args.beta != 0:
-                with models.reference_model(self.model, self.ref_model) as reference:
-                    rollout["ref_logps"] = self.token_logps(reference, rollout)
+            rollout = self.dynamically_sampled(rollout)
+        self.record_generation_metrics(rollout)
+        return self.estimate(rollout.replace(
+            num_items_in_batch=self.accelerator.reduce(rollout.loss_mask.sum(), reduction="sum")))
 
-        rewards_per_func = gather(samples.rewards_per_func)
-        self.record_reward_metrics(rewards_per_func)
-        advantages = self.compute_advantages(rewards_per_func, rollout)
-        if self.args.log_completions:
-            self.record_completions([row["prompt"] for row in samples.rows], samples.texts, rewards_per_func,
-                                    advantages if self.has_advantages else None, samples.extra_columns)
-        rollout["advantages"] = advantages[self.local_rows(len(samples.rows))]
-        return rollout
-
-    def sample_and_score(self, rows: list[dict]) -> ScoredSamples:
-        """This process's completions of `rows` (one per row) and their rewards, before anything the loss needs. What
-        the reward functions logged as metrics is recorded here, for every completion sampled."""
-        device = self.accelerator.device
+    # -- stage 1: sample -------------------------------------------------------------------------------------------
+    def sample(self, rows: list[dict]) -> Rollout:
+        """One completion per row from the policy: the tokens, the masks, and the completions as reward functions
+        get them."""
         prompts = [row["prompt"] for row in rows]
         with distributed.gathered_for_generation(self.accelerator, self.model,
                                                  self.args.ds3_gather_for_generation) as generator:
-            rollout, sampled, is_truncated = sample_rollout(
+            rollout, sampled = sample_rollout(
                 generator, self.tokenizer, prompts, self.sampling_config(len(prompts)),
-                mask_truncated=self.args.mask_truncated_completions, device=device,
+                mask_truncated=self.args.mask_truncated_completions, device=self.accelerator.device,
             )
         if self.args.pad_to_multiple_of:
-            rollout = pad_rollout(rollout, self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
-        rollout["is_truncated"] = is_truncated
-        rollout["completion_lengths"] = sampled.lengths.to(device)  # unmasked, as sampled: length-based rewards read them
-        rewards_per_func = self.score_completions(rows, sampled).to(device)
-        extra_columns, logged_metrics = self.reward_scorer.pop_logs()
+            rollout = rollout.padded_to_multiple(self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
+        return rollout.replace(rows=list(rows), completions=completions_as_passed(prompts, sampled.texts))
+
+    # -- stage 2: score --------------------------------------------------------------------------------------------
+    def score(self, rollout: Rollout) -> Rollout:
+        """The rewards `[n, F]` of this process's completions. What the reward functions logged as metrics is
+        recorded here, for every completion sampled."""
+        completion_ids = [ids[:length].tolist() for ids, length in
+                          zip(rollout.completion_ids, rollout.completion_lengths.tolist())]
+        rewards_per_func = self.reward_scores(rollout.rows, rollout.completions, completion_ids)
+        log_columns, logged_metrics = self.reward_scorer.pop_logs()
         self.record_logged_metrics(logged_metrics)
-        return ScoredSamples(rows, rollout, sampled.texts, rewards_per_func, extra_columns)
+        return rollout.replace(rewards_per_func=rewards_per_func.to(self.accelerator.device), log_columns=log_columns)
+
+    def reward_scores(self, rows: list[dict], completions: list, completion_ids: list[list[int]]) -> torch.Tensor:
+        """Rewards `[n, F]` of `completions` (one per row, TRL's format), with the rows' other columns."""
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        return self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
+
+    def scalar_rewards(self, rewards_per_func: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
+        """The reward `[N]` advantages come from: the weighted sum of the functions' rewards `[N, F]` plus the
+        trainer's reward shaping."""
+        rewards = self.reward_scorer.combine(rewards_per_func)
+        for term in self.reward_shaping(completion_lengths).values():
+            rewards = rewards + term
+        return rewards
 
     @property
     def dynamic_sampling_rounds(self) -> int | None:
         """With DAPO's dynamic sampling, the most extra generation rounds per generation batch; None: off."""
         return None
 
-    def dynamically_sampled(self, samples: ScoredSamples) -> ScoredSamples:
+    def dynamically_sampled(self, rollout: Rollout) -> Rollout:
         """DAPO's dynamic sampling (arXiv 2503.14476, §3.2): this process's share of the generation batch with the
         groups whose rewards all tie (advantages 0: nothing to learn) replaced by groups for further prompts, sampled
         in up to `dynamic_sampling_rounds` extra rounds; if groups are still missing then, tied groups fill the share.
@@ -457,25 +449,26 @@ class OnlineTrainer(AlignTrainer):
         ties are decided on the gathered rewards, so every process knows every share's shortfall, runs the same
         rounds (sampling the largest shortfall each time) and ends with as many rows as it started with."""
         group_size, process = self.group_size, self.accelerator.process_index
-        wanted = len(samples.rows) // group_size  # groups per process
+        wanted = rollout.num_rows // group_size  # groups per process
         untied, tied = [], []  # this process's groups, per round
         untied_counts, tied_count = 0, 0  # untied groups per process, tied groups of every process
         rounds = 0
         while True:
-            is_tied = self.tied_groups(gather(samples.rewards_per_func), gather(samples.rollout["completion_lengths"]))
+            rewards = self.scalar_rewards(gather(rollout.rewards_per_func), gather(rollout.completion_lengths))
+            is_tied = losses.reward_std_is_zero(rewards, group_size, scale="group")[::group_size]
             is_tied = is_tied.view(self.accelerator.num_processes, -1)
-            untied.append(samples.select_groups(~is_tied[process], group_size))
-            tied.append(samples.select_groups(is_tied[process], group_size))
+            untied.append(rollout.select(group_rows(~is_tied[process], group_size)))
+            tied.append(rollout.select(group_rows(is_tied[process], group_size)))
             untied_counts = untied_counts + (~is_tied).sum(dim=1)
             tied_count += int(is_tied.sum())
             missing = int((wanted - untied_counts).clamp(min=0).max())
             if missing == 0 or rounds == self.dynamic_sampling_rounds:
                 break
             rounds += 1
-            samples = self.sample_and_score(self.further_prompt_rows(missing, rounds))
+            rollout = self.score(self.sample(self.further_prompt_rows(missing, rounds)))
         # Untied groups first, so that tied ones only fill what the rounds left missing.
-        groups = ScoredSamples.concat(untied + tied, self.tokenizer.pad_token_id)
-        kept = groups.select_groups(torch.arange(len(groups.rows) // group_size) < wanted, group_size)
+        groups = Rollout.concat(untied + tied, self.tokenizer.pad_token_id)
+        kept = groups.select(group_rows(torch.arange(groups.num_rows // group_size) < wanted, group_size))
         kept_tied = (wanted - untied_counts).clamp(min=0)
         self.record_value("dynamic_sampling/rounds", rounds)
         self.record_value("dynamic_sampling/filtered_groups", tied_count - int(kept_tied.sum()))
@@ -492,20 +485,88 @@ class OnlineTrainer(AlignTrainer):
         mine = prompts[:groups * self.accelerator.num_processes][process * groups:(process + 1) * groups]
         return [self.train_dataset[int(index)] for index in mine for _ in range(self.group_size)]
 
-    def tied_groups(self, rewards_per_func: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
-        """Whether each group's rewards all tie, `[N_all / G]` bool, from the gathered rewards `[N_all, F]` and
-        completion lengths `[N_all]`: on the weighted reward sum (its group std is 0)."""
-        rewards = self.reward_scorer.combine(rewards_per_func)
-        return losses.reward_std_is_zero(rewards, self.group_size, scale="group")[::self.group_size]
+    # -- stage 3: estimate -----------------------------------------------------------------------------------------
+    def estimate(self, rollout: Rollout) -> Rollout:
+        """The estimator's advantages (and returns) of this process's completions, from the rewards of every
+        process's and what the estimator declares, which this stage computes first (`policy_statistics`)."""
+        estimator = self.estimator()
+        with torch.no_grad():
+            rollout = self.policy_statistics(rollout, estimator.needs)
+        rewards_per_func = gather(rollout.rewards_per_func)
+        self.record_reward_metrics(rewards_per_func)
+        lengths = gather(rollout.completion_lengths)
+        for name, term in self.reward_shaping(lengths).items():
+            self.record_value(f"rewards/{name}/mean", term.mean())
+        inputs = estimators.EstimatorInputs(
+            rewards_per_func=rewards_per_func, reward_weights=self.reward_scorer.weights,
+            rewards=self.scalar_rewards(rewards_per_func, lengths), group_size=self.group_size,
+            mask=self.gather_tokens(rollout.loss_mask), is_truncated=gather(rollout.is_truncated),
+            **{name: self.gather_tokens(getattr(rollout, name)) for name in ("old_logps", "ref_logps", "values")
+               if getattr(rollout, name) is not None},
+            greedy_rewards=self.greedy_rewards(rollout.rows) if "greedy_rewards" in estimator.needs else None,
+        )
+        estimate = estimator(inputs)
+        for name, value in estimate.metrics.items():
+            self.record_value(name, value)
+        if estimate.zero_std is not None:
+            self.record_zero_std_groups(estimate.zero_std)
+        if self.model.training and estimate.sequence_kl is not None:  # a KL in the reward: it has a controller
+            self.kl_controller.update(estimate.sequence_kl.mean().item(), estimate.sequence_kl.numel())
+        if self.args.log_completions:
+            self.record_completions(rollout, rewards_per_func, estimate.advantages)
+        changes = {"advantages": self.local_part(estimate.advantages, rollout)}
+        if estimate.returns is not None:
+            changes["returns"] = self.local_part(estimate.returns, rollout)
+        if estimate.trained_rows is not None:
+            trained = self.local_part(estimate.trained_rows, rollout)
+            changes["completion_mask"] = rollout.completion_mask * trained[:, None]
+        return rollout.replace(**changes)
 
-    def score_completions(self, rows: list[dict], sampled: Completions) -> torch.Tensor:
-        """Rewards `[n, F]` (this process's) of `sampled`, one completion per row, with the rows' other columns: the
-        completions as text, or as one assistant message when the prompts are conversational (TRL's format)."""
+    def policy_statistics(self, rollout: Rollout, needs: frozenset[str]) -> Rollout:
+        """The rollout with the sampling policy's token log-probs (when `needs` or the loss asks for them), the
+        critic's values (when `needs` them; one forward pass with the log-probs for a value head) and the reference's
+        log-probs (β ≠ 0)."""
+        changes = {}
+        if "values" in needs:
+            old, changes["values"] = self.logprobs_and_values(self.model, rollout, batch_size=self.row_batch_size)
+            changes["old_logps"] = old.token_logps
+        elif "old_logps" in needs or self.needs_old_logps():
+            changes["old_logps"] = self.token_logps(self.model, rollout)
+        if self.args.beta != 0:
+            with models.reference_model(self.model, self.ref_model) as reference:
+                changes["ref_logps"] = self.token_logps(reference, rollout)
+        return rollout.replace(**changes)
+
+    def local_part(self, values: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """This process's rows of `values` gathered from every process (`[N_all]`, or per token `[N_all, C_max]`, cut
+        to this process's completion width)."""
+        mine = values[self.local_rows(rollout.num_rows)]
+        return mine[:, :rollout.completion_ids.size(1)] if mine.dim() == 2 else mine
+
+    def greedy_rewards(self, rows: list[dict]) -> torch.Tensor:
+        """The reward of the greedy completion of each group's prompt, for the groups of every process, `[N_all / G]`.
+
+        A process's rows are a contiguous slice of the generation batch and a group's rows are consecutive, so the
+        process that holds a group's first row decodes it; it writes the reward at that row and NaN at its other rows,
+        and the gathered rows hold each group's baseline at the group's first row."""
+        group_size = self.group_size
+        first_row = self.local_rows(len(rows)).start
+        leaders = [i for i in range(len(rows)) if (first_row + i) % group_size == 0]
+        per_row = torch.full((len(rows),), float("nan"), device=self.accelerator.device)
+        if leaders:  # a process may hold no group's first row
+            per_row[leaders] = self.score_greedy([rows[i] for i in leaders]).to(per_row.device)
+        return gather(per_row).view(-1, group_size)[:, 0]
+
+    def score_greedy(self, rows: list[dict]) -> torch.Tensor:
+        """The combined reward `[len(rows)]` of the greedy completion of each row's prompt."""
         prompts = [row["prompt"] for row in rows]
-        completions = completions_as_passed(prompts, sampled.texts)
-        completion_ids = [ids[:length].tolist() for ids, length in zip(sampled.completion_ids, sampled.lengths)]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        return self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
+        with distributed.gathered_for_generation(self.accelerator, self.model,
+                                                 self.args.ds3_gather_for_generation) as generator:
+            greedy = generation.generate_completions(generator, self.tokenizer, prompts, self.args.greedy_sampling(len(prompts)))
+        completion_ids = [ids[:length].tolist() for ids, length in zip(greedy.completion_ids, greedy.lengths)]
+        rewards_per_func = self.reward_scores(rows, completions_as_passed(prompts, greedy.texts), completion_ids)
+        self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
+        return self.reward_scorer.combine(rewards_per_func)
 
     def local_rows(self, rows: int) -> slice:
         """This process's rows in a batch gathered from every process, each holding `rows` of them."""
@@ -517,19 +578,17 @@ class OnlineTrainer(AlignTrainer):
         the longest completion of any process."""
         return gather(self.accelerator.pad_across_processes(values, dim=1))
 
-    def needs_old_logps(self) -> bool:
-        """Whether the loss needs the sampling policy's log-probs: only when an optimizer step falls between sampling
-        and the rollout's last use (otherwise the ratio is 1 and the loss uses the detached current log-probs)."""
-        generate_every = self.args.steps_per_generation * self.args.num_iterations
-        return self.model.training and self.args.gradient_accumulation_steps % generate_every != 0
+    @property
+    def row_batch_size(self) -> int:
+        """Rows per forward pass of the no-gradient passes over a rollout."""
+        return self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
 
-    def token_logps(self, model, rollout: dict) -> torch.Tensor:
+    def token_logps(self, model, rollout: Rollout) -> torch.Tensor:
         """Per-token log-probs `[N, C]` of the rollout's completions under `model`, without gradients, one
         micro-batch of rows at a time."""
-        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        return self.rollout_logprobs(model, rollout, batch_size=batch_size).token_logps
+        return self.rollout_logprobs(model, rollout, batch_size=self.row_batch_size).token_logps
 
-    def rollout_logprobs(self, model, rollout: dict, *, temperature: float | None = None, with_stats: bool = False,
+    def rollout_logprobs(self, model, rollout: Rollout, *, temperature: float | None = None, with_stats: bool = False,
                          entropy_grad: bool = False, batch_size: int | None = None) -> CompletionLogProbs:
         """`rollout.completion_token_logprobs` at the sampling temperature (unless given) with the Config's packing
         (`prefix_sharing`, `padding_free`)."""
@@ -540,10 +599,109 @@ class OnlineTrainer(AlignTrainer):
             prefix_sharing=args.prefix_sharing, padding_free=args.padding_free,
         )
 
-    def compute_advantages(self, rewards_per_func: torch.Tensor, rollout: dict) -> torch.Tensor:
-        """Advantages of every process's completions from the gathered rewards `[N_all, F]` (NaN: a function did
-        not apply); returns `[N_all]` (or `[N_all, C]`), in the gathered order."""
-        raise NotImplementedError
+    # -- the critic (estimators that read values) ------------------------------------------------------------------
+    def attach_critic(self, value_model) -> None:
+        """Attaches the critic to the policy as its `CRITIC_ATTRIBUTE` submodule, so that the optimizer, DDP and
+        gradient clipping see it: `value_model` None for a value head on the policy, or a one-label sequence
+        classifier (object, id or path)."""
+        if value_model is None and (self.args.prefix_sharing or self.args.padding_free):
+            raise ValueError("prefix_sharing and padding_free need a separate value_model: the value head on the "
+                             "policy reads its hidden states row by row.")
+        critic = ValueHead.for_model(self.model) if value_model is None else self.separate_critic_model(value_model)
+        setattr(models.unwrap_causal_lm(self.model), CRITIC_ATTRIBUTE, critic.to(self.accelerator.device))
+
+    def separate_critic_model(self, value_model):
+        """`value_model` (an id / path, loaded as a one-label sequence classifier, or a model) checked and prepared as
+        a critic that reads the policy's token ids."""
+        if isinstance(value_model, str):
+            value_model = models.load_model(value_model, self.args, AutoModelForSequenceClassification, num_labels=1)
+        classifier = models.check_one_label_classifier(
+            value_model, "value_model must be", "Pass its id or path to load it as one, or None for a value head on "
+            "the policy.")
+        if any(classifier is models.unwrap_causal_lm(func) for func in self.reward_scorer.reward_funcs
+               if isinstance(func, torch.nn.Module)):
+            # Training the critic would change the rewards it is trained to predict.
+            raise ValueError("value_model must not be the same object as a reward model: pass the reward model's id "
+                             "or path as value_model to train a copy of it.")
+        vocabulary = classifier.get_input_embeddings().num_embeddings
+        if vocabulary < len(self.tokenizer):
+            raise ValueError(
+                f"value_model has {vocabulary} token embeddings but the policy's tokenizer has {len(self.tokenizer)} "
+                "tokens: the critic reads the policy's token ids, so it must use the same tokenizer."
+            )
+        models.prepare_tokenizer(self.tokenizer, classifier)  # its pooling finds the last token by the pad id
+        if self.args.disable_dropout:
+            models.disable_dropout(value_model)
+        return value_model
+
+    @property
+    def critic(self):
+        """The critic (a `ValueHead` or a sequence classifier), or None."""
+        return getattr(models.unwrap_causal_lm(self.model), CRITIC_ATTRIBUTE, None)
+
+    @property
+    def separate_critic(self) -> bool:
+        return self.critic is not None and not isinstance(self.critic, ValueHead)
+
+    def logprobs_and_values(self, model, rollout: Rollout, with_stats: bool = False, batch_size: int | None = None):
+        """Per-token log-probs (`CompletionLogProbs`) and the critic's values `[N, C]` of the rollout's completions."""
+        temperature = self.args.temperature
+        if not self.separate_critic:
+            return policy_logprobs_and_values(model, self.critic, rollout, temperature=temperature,
+                                              with_stats=with_stats, batch_size=batch_size)
+        logps = self.rollout_logprobs(model, rollout, with_stats=with_stats, batch_size=batch_size)
+        return logps, critic_token_values(self.critic, rollout, batch_size=batch_size)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # The saved model is the policy alone: the critic is training machinery. A state dict gathered by DeepSpeed /
+        # FSDP is kept, less the critic's entries.
+        if self.critic is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        if state_dict is not None:
+            state_dict = {key: value for key, value in state_dict.items() if CRITIC_ATTRIBUTE not in key.split(".")}
+        unwrapped = models.unwrap_causal_lm(self.model)
+        critic = getattr(unwrapped, CRITIC_ATTRIBUTE)
+        delattr(unwrapped, CRITIC_ATTRIBUTE)
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            setattr(unwrapped, CRITIC_ATTRIBUTE, critic)
+
+    def _issue_warnings_after_load(self, load_result):
+        # The model files of a checkpoint lack the critic by design: `load_training_state` restores it.
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys
+                                       if CRITIC_ATTRIBUTE not in key.split(".")]
+        super()._issue_warnings_after_load(load_result)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def save_training_state(self, checkpoint: str) -> None:
+        super().save_training_state(checkpoint)
+        # A checkpoint can fall inside a generation batch: the resumed run serves the rest of it from this process's
+        # buffer, as the uninterrupted run does (sampling it again would need the policy that sampled it).
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        rollouts = ([rollout.state_dict() for rollout in self._buffered_rollouts] if self._step % generate_every
+                    else None)
+        kl_coef = None if self.kl_controller is None else self.kl_controller.value
+        torch.save({"step": self._step, "rollouts": rollouts, "kl_coef": kl_coef}, self.rollouts_path(checkpoint))
+        if self.critic is not None and self.args.should_save:
+            # Apart from the model files; `clone`: tied or shared tensors cannot be saved as safetensors views.
+            save_file({name: tensor.detach().clone().contiguous() for name, tensor in self.critic.state_dict().items()},
+                      os.path.join(checkpoint, CRITIC_WEIGHTS_NAME))
+
+    def load_training_state(self, checkpoint: str) -> None:
+        super().load_training_state(checkpoint)
+        state = torch.load(self.rollouts_path(checkpoint), map_location=self.accelerator.device, weights_only=True)
+        self._step = state["step"]
+        if self.kl_controller is not None:
+            self.kl_controller.value = state["kl_coef"]
+        self._buffered_rollouts = (None if state["rollouts"] is None
+                                   else [Rollout.from_state_dict(rollout) for rollout in state["rollouts"]])
+        if self.critic is not None:
+            self.critic.load_state_dict(load_file(os.path.join(checkpoint, CRITIC_WEIGHTS_NAME),
+                                                  device=str(self.accelerator.device)))
+
+    def rollouts_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"rollouts_{self.args.process_index}.pt")
 
     # -- metrics ---------------------------------------------------------------------------------------------------
     def record_metric(self, name: str, values: torch.Tensor, reduction: str = "mean") -> None:
@@ -553,12 +711,16 @@ class OnlineTrainer(AlignTrainer):
         if values.numel():
             self._metrics[self.mode][name].append(getattr(values, reduction)().item())
 
-    def record_generation_metrics(self, rollout: dict, lengths: torch.Tensor, is_truncated: torch.Tensor) -> None:
-        """TRL's `completions/*` metrics over every process, and the token count."""
-        self.record_tokens(torch.cat([rollout["prompt_mask"], (lengths[:, None] > torch.arange(
-            rollout["completion_ids"].size(1), device=lengths.device)).long()], dim=1))
-        lengths = gather(lengths.float())
-        truncated = gather(is_truncated)
+    def record_generation_metrics(self, rollout: Rollout) -> None:
+        """TRL's `completions/*` metrics over every process (lengths count the tokens the policy sampled, not tool
+        results), and the token count."""
+        sampled = (rollout.completion_lengths[:, None] > torch.arange(
+            rollout.completion_ids.size(1), device=rollout.completion_ids.device)).long()
+        self.record_tokens(torch.cat([rollout.prompt_mask, sampled], dim=1))
+        if rollout.tool_mask is not None:
+            sampled = sampled * rollout.tool_mask
+        lengths = gather(sampled.sum(-1).float())
+        truncated = gather(rollout.is_truncated)
         self.record_value("completions/mean_length", lengths.mean())
         self.record_value("completions/min_length", lengths.min())
         self.record_value("completions/max_length", lengths.max())
@@ -581,17 +743,18 @@ class OnlineTrainer(AlignTrainer):
         for name in sorted(set(gather_object(list(logged)))):
             self.record_sum(name, torch.tensor(logged.get(name, []), dtype=torch.float32, device=self.accelerator.device))
 
-    def record_completions(self, prompts: list, texts: list[str], rewards_per_func: torch.Tensor,
-                           advantages: torch.Tensor | None, extra_columns: dict[str, list]) -> None:
-        """Adds the generation batch of every process to the completions table: this process's `prompts` and
-        completion `texts`, the gathered rewards `[N_all, F]` and advantages (`[N_all]`, or per token `[N_all, C]`,
-        shown at each completion's first token: the whole completion's), and the `log_extra` columns (None on the
-        rows of a process whose reward functions did not log one). Collective: every process calls it."""
+    def record_completions(self, rollout: Rollout, rewards_per_func: torch.Tensor,
+                           advantages: torch.Tensor | None) -> None:
+        """Adds the generation batch of every process to the completions table: this process's prompts and
+        completions, the gathered rewards `[N_all, F]` and advantages (`[N_all]`, or per token `[N_all, C]`, shown at
+        each completion's first token: the whole completion's), and the `log_extra` columns (None on the rows of a
+        process whose reward functions did not log one). Collective: every process calls it."""
         extra = {}
         # Sorted, so that every process gathers the columns in the same order.
-        for name in sorted(set(gather_object(list(extra_columns)))):
-            extra[name] = gather_object(list(extra_columns.get(name, [None] * len(prompts))))
-        prompts, completions = gather_object(list(prompts)), gather_object(completions_as_passed(prompts, texts))
+        for name in sorted(set(gather_object(list(rollout.log_columns)))):
+            extra[name] = gather_object(list(rollout.log_columns.get(name, [None] * rollout.num_rows)))
+        prompts = gather_object([row["prompt"] for row in rollout.rows])
+        completions = gather_object(list(rollout.completions))
         if self.completion_log is None:
             return
         if advantages is not None and advantages.dim() == 2:

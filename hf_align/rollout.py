@@ -1,24 +1,17 @@
-"""Rollouts for the online trainers (GRPO and its family, Online DPO, PPO): groups of completions sampled from the
-policy, stored with what the loss needs, and served as several optimisation steps.
+"""Rollouts for the online trainers (GRPO and its family, Online DPO, PPO, TRPO): groups of completions sampled from
+the policy, and what each stage of the online loop adds to them (`online.OnlineTrainer.make_rollout`: sample → score →
+estimate; the update is the Trainer's step on micro-batches of it).
 
-A rollout is a dict of tensors, one row per completion, prompt-major (row `i * G + g` is the `g`-th completion of
-prompt `i` when whole groups are generated together):
-
-    prompt_ids / prompt_mask          [N, P]  left-padded, as the model saw them when sampling
-    completion_ids / completion_mask  [N, C]  right-padded; the mask covers each completion up to and including its
-                                              stop token; all zero for a truncated row with
-                                              `mask_truncated_completions` (as in TRL, the row is then neither
-                                              attended to nor scored)
-    old_logps, ref_logps              [N, C]  per-token log-probs under the sampling policy / the reference, when the
-                                              loss needs them
-
-Log-probs are computed with the position ids the model had while sampling (left padding shifted), so a sampled
-token's log-prob under an unchanged policy is the one it was sampled with.
+A `Rollout` holds one row per completion, prompt-major (row `i * G + g` is the `g`-th completion of prompt `i` when
+whole groups are generated together). Log-probs are computed with the position ids the model had while sampling
+(left padding shifted), so a sampled token's log-prob under an unchanged policy is the one it was sampled with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,30 +61,193 @@ class GroupSampler(Sampler[int]):
         return batches * self.prompts_per_batch * self.group_size * self.repeat_count
 
 
+# The fields that hold one value per completion token, `[N, C]` (`advantages` may also be `[N]`).
+TOKEN_FIELDS = ("completion_ids", "completion_mask", "tool_mask", "old_logps", "ref_logps", "values", "advantages",
+                "returns")
+
+
+@dataclass
+class Rollout:
+    """A generation batch (or a micro-batch of it) on one process: one row per completion. Each stage of the online
+    loop fills its fields: sampling the tokens, scoring `rewards_per_func`, estimation the log-probs and values the
+    estimator declared and the `advantages` (and `returns`); the update reads them.
+
+    Fields with a row dimension (tensors, lists, and the values of `log_columns` / `extras`) are sliced, shuffled and
+    concatenated together; `num_items_in_batch` (a scalar over every process) is shared."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded, as the model saw them when sampling
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C] right-padded
+    # [N, C]: the completion up to and including its stop token, tool results included (attended to); all zero for a
+    # truncated row with `mask_truncated_completions` (as in TRL, the row is then neither attended to nor scored).
+    completion_mask: torch.Tensor
+    # [N, C]: 1 on the tokens the policy sampled, 0 on tool / environment tokens (None: every token was sampled).
+    tool_mask: torch.Tensor | None = None
+    is_truncated: torch.Tensor | None = None  # [N] bool: no stop token within the completion budget
+    completion_lengths: torch.Tensor | None = None  # [N] tokens as sampled, before any masking
+    rows: list[dict] | None = None  # the dataset rows the completions answer (reward functions read their columns)
+    completions: list | None = None  # the completions as reward functions get them (TRL's format)
+    rewards_per_func: torch.Tensor | None = None  # [N, F]: each reward function's score (NaN: it did not apply)
+    log_columns: dict[str, list] = field(default_factory=dict)  # the reward functions' `log_extra` columns
+    old_logps: torch.Tensor | None = None  # [N, C] under the sampling policy
+    ref_logps: torch.Tensor | None = None  # [N, C] under the reference
+    values: torch.Tensor | None = None  # [N, C] the critic's, at sampling time
+    advantages: torch.Tensor | None = None  # [N] per completion, or [N, C] per token
+    returns: torch.Tensor | None = None  # [N, C] the critic's targets
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors a trainer's stage adds
+    num_items_in_batch: torch.Tensor | None = None  # loss tokens in the generation batch, every process
+
+    @property
+    def num_rows(self) -> int:
+        return self.completion_ids.size(0)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """`[N, C]`: the tokens the loss, the KL and the statistics act on: the sampled ones of the completion."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask
+
+    def replace(self, **changes) -> Rollout:
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The rows `index` (`[n]` long, in that order, or a slice)."""
+        if not isinstance(index, slice):
+            index = index.to(self.completion_ids.device)
+        positions = range(self.num_rows)[index] if isinstance(index, slice) else index.tolist()
+
+        def take(value):
+            if torch.is_tensor(value):
+                return value[index] if _has_rows(value, self.num_rows) else value
+            if isinstance(value, list):
+                return [value[i] for i in positions]
+            if isinstance(value, dict):
+                return {key: take(item) for key, item in value.items()}
+            return value
+
+        return Rollout(**{f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def split(self, parts: int) -> list[Rollout]:
+        """`parts` equal slices of the rows."""
+        if self.num_rows % parts:
+            raise ValueError(f"A rollout of {self.num_rows} rows cannot be split into {parts} equal parts.")
+        size = self.num_rows // parts
+        return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+    def shuffled(self, generator: torch.Generator | None = None) -> Rollout:
+        """The rows in a random order."""
+        return self.select(torch.randperm(self.num_rows, generator=generator))
+
+    def padded_to_multiple(self, multiple: int, pad_token_id: int) -> Rollout:
+        """Prompt tensors left-padded and completion tensors right-padded to a multiple of `multiple` tokens (TRL's
+        `pad_to_multiple_of`): masked-out padding, so no number changes."""
+        return self.padded_to(self.prompt_ids.size(1) + (-self.prompt_ids.size(1) % multiple),
+                              self.completion_ids.size(1) + (-self.completion_ids.size(1) % multiple), pad_token_id)
+
+    def padded_to(self, prompt_width: int, completion_width: int, pad_token_id: int) -> Rollout:
+        """Prompt tensors left-padded to `prompt_width` columns, per-token completion tensors right-padded to
+        `completion_width` (ids with `pad_token_id`, the rest with 0)."""
+
+        def widened(name: str, value):
+            fill = pad_token_id if name.endswith("_ids") else 0
+            if name in ("prompt_ids", "prompt_mask"):
+                return F.pad(value, (prompt_width - value.size(1), 0), value=fill)
+            if name in TOKEN_FIELDS and value is not None and value.dim() == 2:
+                return F.pad(value, (0, completion_width - value.size(1)), value=fill)
+            return value
+
+        return Rollout(**{f.name: widened(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+        """The rows of rollouts sampled separately, one after the other: prompts left-padded and completions
+        right-padded to the widest (masked-out padding). A `log_extra` column missing from a part is None on its
+        rows."""
+        prompt_width = max(r.prompt_ids.size(1) for r in rollouts)
+        completion_width = max(r.completion_ids.size(1) for r in rollouts)
+        parts = [r.padded_to(prompt_width, completion_width, pad_token_id) for r in rollouts]
+        columns = sorted({name for part in parts for name in part.log_columns})
+        joined = {}
+        for f in dataclasses.fields(Rollout):
+            values = [getattr(part, f.name) for part in parts]
+            if f.name == "log_columns":
+                joined[f.name] = {name: [v for part in parts for v in part.log_columns.get(name, [None] * part.num_rows)]
+                                  for name in columns}
+            elif f.name == "extras":
+                joined[f.name] = {key: torch.cat([v[key] for v in values]) for key in values[0]}
+            elif values[0] is None or f.name == "num_items_in_batch":
+                joined[f.name] = values[0]
+            elif torch.is_tensor(values[0]):
+                joined[f.name] = torch.cat(values)
+            else:
+                joined[f.name] = [item for value in values for item in value]
+        return Rollout(**joined)
+
+    def state_dict(self) -> dict:
+        """The tensors (what the update reads), for a checkpoint (`torch.load(weights_only=True)` reads it)."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if torch.is_tensor(getattr(self, f.name))}
+        return {**state, "extras": dict(self.extras)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Rollout:
+        return cls(**state)
+
+
+def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as left-padded ids and mask `[N, L]`: the reversed rows padded on the right, reversed back."""
+    ids = data.pad([torch.tensor(row[::-1], dtype=torch.long) for row in rows], pad_token_id).flip(-1)
+    mask = data.pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0).flip(-1)
+    return ids, mask
+
+
 def sample_rollout(model, tokenizer, prompts: list, sampling: SamplingConfig, *, mask_truncated: bool = False,
-                   device=None) -> tuple[dict[str, torch.Tensor], Completions, torch.Tensor]:
+                   device=None) -> tuple[Rollout, Completions]:
     """Samples `sampling.num_generations` completions per prompt (strings or message lists) from `model`.
 
-    Returns the rollout's `prompt_ids` / `prompt_mask` / `completion_ids` / `completion_mask` on `device`, the
-    sampled `Completions` (texts, and ids and masks before any masking), and `is_truncated` `[N]` bool on `device`
-    (no stop token within `max_new_tokens`). With `mask_truncated`, a truncated completion's mask is all zero: it
-    adds nothing to the loss (DAPO's overlong filtering)."""
+    Returns the `Rollout` of their tokens on `device` (with `is_truncated`: no stop token within `max_new_tokens`,
+    and `completion_lengths` as sampled) and the sampled `Completions` (texts, and ids and masks before any
+    masking). With `mask_truncated`, a truncated completion's mask is all zero: it adds nothing to the loss (DAPO's
+    overlong filtering)."""
     completions = generate_completions(model, tokenizer, prompts, sampling)
     rows = [ids for ids in completions.prompt_ids for _ in range(sampling.num_generations)]
-    # Left padding: pad the reversed rows on the right, then reverse back.
-    prompt_ids = data.pad([torch.tensor(ids[::-1]) for ids in rows], tokenizer.pad_token_id).flip(-1)
-    prompt_mask = data.pad([torch.ones(len(ids), dtype=torch.long) for ids in rows], 0).flip(-1)
+    prompt_ids, prompt_mask = left_padded(rows, tokenizer.pad_token_id)
     lengths = completions.lengths
     last_token = completions.completion_ids.gather(1, (lengths.clamp(min=1) - 1)[:, None]).squeeze(1)
     is_truncated = ~torch.isin(last_token, torch.tensor(stop_token_ids(model, tokenizer))) | (lengths == 0)
     completion_mask = completions.completion_mask
     if mask_truncated:
         completion_mask = completion_mask * (~is_truncated)[:, None].long()
-    rollout = {
+    rollout = Rollout(
+        prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+        completion_ids=completions.completion_ids.to(device), completion_mask=completion_mask.to(device),
+        is_truncated=is_truncated.to(device), completion_lengths=lengths.to(device),
+    )
+    return rollout, completions
+
+
+def token_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], *, is_truncated: list[bool],
+                  pad_token_id: int, tool_mask: list[list[int]] | None = None, mask_truncated: bool = False,
+                  device=None) -> Rollout:
+    """The `Rollout` of completions given as token-id lists (multi-turn episodes, a `rollout_func`'s output): prompts
+    left-padded, completions right-padded, the completion mask over every completion token (tool results included,
+    they are attended to), `tool_mask` 1 on the tokens the policy sampled. With `mask_truncated`, a truncated
+    completion's mask is all zero."""
+    lengths = torch.tensor([len(ids) for ids in completion_ids])
+    truncated = torch.tensor(is_truncated, dtype=torch.bool)
+    completion_mask = data.pad([torch.ones(len(ids), dtype=torch.long) for ids in completion_ids], 0)
+    if mask_truncated:
+        completion_mask = completion_mask * (~truncated)[:, None].long()
+    prompt_ids, prompt_mask = left_padded(prompt_ids, pad_token_id)
+    tensors = {
         "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-        "completion_ids": completions.completion_ids, "completion_mask": completion_mask,
+        "completion_ids": data.pad([torch.tensor(ids, dtype=torch.long) for ids in completion_ids], pad_token_id),
+        "completion_mask": completion_mask, "is_truncated": truncated, "completion_lengths": lengths,
     }
-    return {key: value.to(device) for key, value in rollout.items()}, completions, is_truncated.to(device)
+    if tool_mask is not None:
+        tensors["tool_mask"] = data.pad([torch.tensor(mask, dtype=torch.long) for mask in tool_mask], 0)
+    return Rollout(**{name: value.to(device) for name, value in tensors.items()})
 
 
 def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0, with_stats: bool = False,
@@ -104,10 +260,10 @@ def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0,
     With `prefix_sharing`, the rows of a batch with the same prompt (a group's samples) are packed into one sequence
     that holds the prompt once; with `padding_free`, the batch's sequences go into one row (`packing`). Either way
     each token's log-prob is the one it gets in its own row."""
-    batch_size = batch_size or rollout["completion_ids"].size(0)
+    batch_size = batch_size or rollout.num_rows
     pieces = []
-    for start in range(0, rollout["completion_ids"].size(0), batch_size):
-        part = {key: rollout[key][start : start + batch_size] for key in ROLLOUT_TOKENS}
+    for start in range(0, rollout.num_rows, batch_size):
+        part = rollout.select(slice(start, start + batch_size))
         if prefix_sharing or padding_free:
             pieces.append(_packed_rollout_logprobs(model, part, temperature, with_stats, entropy_grad, prefix_sharing,
                                                    padding_free))
@@ -120,81 +276,36 @@ def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0,
                               aux_loss=aux_loss)
 
 
-ROLLOUT_TOKENS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-
-
 def _rollout_row_logprobs(model, rollout, temperature, with_stats, entropy_grad) -> CompletionLogProbs:
     """Each row `prompt + completion` on its own, with the position ids it was sampled with (left padding)."""
-    input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
-    attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
-    score_mask = torch.cat([torch.zeros_like(rollout["prompt_mask"]), rollout["completion_mask"]], dim=1)
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    score_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = completion_logprobs(model, input_ids, attention_mask, score_mask, position_ids=position_ids,
                               temperature=temperature, with_stats=with_stats, entropy_grad=entropy_grad)
-    prompt_length = rollout["prompt_ids"].size(1)
+    prompt_length = rollout.prompt_ids.size(1)
     return out.map_tokens(lambda values: values[:, prompt_length:])
 
 
 def _packed_rollout_logprobs(model, rollout, temperature, with_stats, entropy_grad, prefix_sharing,
                              padding_free) -> CompletionLogProbs:
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout["prompt_ids"], rollout["prompt_mask"])]
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
     completions = [
-        ids[mask.bool()].tolist() for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"])
+        ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
     ]
     groups: dict[tuple, list[int]] = {}
     for row, prompt in enumerate(prompts):
         groups.setdefault(tuple(prompt) if prefix_sharing else (row,), []).append(row)
     sequences = [(prompts[rows[0]], [completions[row] for row in rows], rows) for rows in groups.values()]
-    device = rollout["completion_ids"].device
+    device = rollout.completion_ids.device
     packed = {key: value.to(device) for key, value in
               pack_sequences(sequences, pad_token_id=0, padding_free=padding_free).items()}
     return packed_logprobs(
         model, packed["input_ids"], packed["sequence_ids"], packed["completion_index"],
-        num_completions=len(prompts), width=rollout["completion_ids"].size(1), temperature=temperature,
+        num_completions=len(prompts), width=rollout.completion_ids.size(1), temperature=temperature,
         with_stats=with_stats, entropy_grad=entropy_grad,
     )
-
-
-def split_rollout(rollout: dict, parts: int) -> list[dict]:
-    """`parts` equal slices of the rollout's rows (tensors with a row dimension; scalars are shared)."""
-    rows = rollout["completion_ids"].size(0)
-    if rows % parts:
-        raise ValueError(f"A rollout of {rows} rows cannot be split into {parts} equal parts.")
-    size = rows // parts
-    return [
-        {key: value[i * size : (i + 1) * size] if _has_rows(value, rows) else value for key, value in rollout.items()}
-        for i in range(parts)
-    ]
-
-
-def shuffle_rollout(rollout: dict, generator: torch.Generator | None = None) -> dict:
-    """The rollout's rows in a random order (the same permutation for every tensor)."""
-    order = torch.randperm(rollout["completion_ids"].size(0), generator=generator)
-    return select_rollout_rows(rollout, order)
-
-
-def select_rollout_rows(rollout: dict, index: torch.Tensor) -> dict:
-    """The rollout's rows `index` (`[n]` long), in that order (scalars are shared)."""
-    rows = rollout["completion_ids"].size(0)
-    index = index.to(rollout["completion_ids"].device)
-    return {key: value[index] if _has_rows(value, rows) else value for key, value in rollout.items()}
-
-
-def concat_rollouts(rollouts: list[dict], pad_token_id: int) -> dict:
-    """The rows of rollouts sampled separately (each a dict of per-row tensors with the same keys), one after the
-    other: prompts left-padded and completions right-padded to the widest (masked-out padding)."""
-    prompt_width = max(rollout["prompt_ids"].size(1) for rollout in rollouts)
-    completion_width = max(rollout["completion_ids"].size(1) for rollout in rollouts)
-
-    def widened(key: str, value: torch.Tensor) -> torch.Tensor:
-        fill = pad_token_id if key.endswith("_ids") else 0
-        if key.startswith("prompt_"):
-            return F.pad(value, (prompt_width - value.size(1), 0), value=fill)
-        if value.dim() == 2:  # completion ids and masks, per-token log-probs
-            return F.pad(value, (0, completion_width - value.size(1)), value=fill)
-        return value
-
-    return {key: torch.cat([widened(key, rollout[key]) for rollout in rollouts]) for key in rollouts[0]}
 
 
 def _has_rows(value, rows: int) -> bool:

@@ -27,9 +27,13 @@ from torch import nn
 
 from .logprobs import CompletionLogProbs, _capture_last_hidden_state, last_hidden_state
 from .models import unwrap_causal_lm, unwrap_wrappers
-from .rollout import completion_token_logprobs
+from .rollout import Rollout, completion_token_logprobs
 
 VALUE_HEAD_INITS = ("zeros", "normal")
+# The critic is attached to the policy as this submodule (so that the optimizer, DDP and gradient clipping see it) and
+# saved apart from the model files, in each checkpoint, under this name.
+CRITIC_ATTRIBUTE = "ppo_critic"
+CRITIC_WEIGHTS_NAME = "ppo_critic.safetensors"
 
 
 class ValueHead(nn.Module):
@@ -65,35 +69,33 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
-def _rollout_inputs(rollout: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rollout_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`input_ids`, `attention_mask` and `position_ids` `[N, P + C]` of prompt + completion, as the model sampled."""
-    input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
-    attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
 
 
-def _completion_states(per_position: torch.Tensor, rollout: dict) -> torch.Tensor:
+def _completion_states(per_position: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     """`per_position` `[N, P + C, ...]` → `[N, C, ...]`: the positions `P - 1 + t` before each completion token t."""
-    prompt_length, completion_length = rollout["prompt_ids"].size(1), rollout["completion_ids"].size(1)
+    prompt_length, completion_length = rollout.prompt_ids.size(1), rollout.completion_ids.size(1)
     if prompt_length == 0:
         raise ValueError("A rollout with empty prompts has no state before its first completion token.")
     return per_position[:, prompt_length - 1 : prompt_length - 1 + completion_length]
 
 
-def _masked(values: torch.Tensor, rollout: dict) -> torch.Tensor:
-    return values * rollout["completion_mask"].to(values.dtype)
+def _masked(values: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    return values * rollout.completion_mask.to(values.dtype)
 
 
-def _row_slices(rollout: dict, batch_size: int | None):
-    rows = rollout["completion_ids"].size(0)
-    batch_size = batch_size or max(rows, 1)
-    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-    for start in range(0, rows, batch_size):
-        yield {key: rollout[key][start : start + batch_size] for key in keys}
+def _row_slices(rollout: Rollout, batch_size: int | None):
+    batch_size = batch_size or max(rollout.num_rows, 1)
+    for start in range(0, rollout.num_rows, batch_size):
+        yield rollout.select(slice(start, start + batch_size))
 
 
-def token_values(policy, value_head: ValueHead, rollout: dict, *, batch_size: int | None = None) -> torch.Tensor:
+def token_values(policy, value_head: ValueHead, rollout: Rollout, *, batch_size: int | None = None) -> torch.Tensor:
     """Values `[N, C]` of the rollout's completion states from `value_head` on `policy`'s last hidden state (one
     forward of the policy, adapters active under peft; the LM head runs on one position only), `batch_size` rows at a
     time (all at once when None). Alignment: see the module docstring. Gradients reach the head and whatever of the
@@ -108,7 +110,7 @@ def token_values(policy, value_head: ValueHead, rollout: dict, *, batch_size: in
 def policy_logprobs_and_values(
     policy,
     value_head: ValueHead,
-    rollout: dict,
+    rollout: Rollout,
     *,
     temperature: float = 1.0,
     with_stats: bool = False,
@@ -139,7 +141,7 @@ def _score_head(critic) -> nn.Module:
     return head
 
 
-def critic_token_values(critic, rollout: dict, *, batch_size: int | None = None) -> torch.Tensor:
+def critic_token_values(critic, rollout: Rollout, *, batch_size: int | None = None) -> torch.Tensor:
     """Values `[N, C]` of the rollout's completion states from a separate critic: a one-label sequence classifier
     (possibly peft / DDP wrapped) run through its own forward once per `batch_size` rows, its `score` head read at
     every position (captured as the head computes it, before the classifier keeps only the last token). Alignment:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_align import losses
-from hf_align.rollout import concat_rollouts
+from hf_align.rollout import Rollout
 from hf_align.trainers.grpo import GRPOConfig, GRPOTrainer
 
 QUIET = dict(report_to="none", save_strategy="no", disable_tqdm=True, bf16=False)
@@ -32,17 +32,23 @@ def _tokens(length: int) -> list[int]:
     return [40 + k % 20 for k in range(length)]
 
 
+class _SpiedEstimator:
+    """The trainer's estimator, recording what it is given and gives."""
+
+    def __init__(self, estimator, seen: list):
+        self.estimator, self.seen, self.needs = estimator, seen, estimator.needs
+
+    def __call__(self, inputs):
+        estimate = self.estimator(inputs)
+        self.seen.append((inputs.rewards_per_func.clone(), estimate.advantages.clone()))
+        return estimate
+
+
 def _spy_advantages(trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(gathered rewards [N, F], advantages [N]) of every generation batch the trainer scores."""
     seen = []
-    compute = trainer.compute_advantages
-
-    def spy(rewards_per_func, rollout):
-        advantages = compute(rewards_per_func, rollout)
-        seen.append((rewards_per_func.clone(), advantages.clone()))
-        return advantages
-
-    trainer.compute_advantages = spy
+    choose = trainer.estimator
+    trainer.estimator = lambda: _SpiedEstimator(choose(), seen)
     return seen
 
 
@@ -101,7 +107,7 @@ def tied_unless_marked(completions, tied, **kwargs):
 
 def _dynamic_run(tmp_path, tiny_model_path, fixed_completions, tied: list[bool], **options):
     """One optimizer step on prompts p0, p1, ... in order (p0 and p1 first), 2 groups of 4 per generation batch;
-    returns the trainer, every call's rows of `sample_and_score` and the advantages' (rewards, advantages)."""
+    returns the trainer, every call's rows of `sample` and the advantages' (rewards, advantages)."""
     from datasets import Dataset
 
     fixed_completions(lambda prompt_ids, row, tokenizer, model: _tokens(2 + row % 4))
@@ -111,13 +117,13 @@ def _dynamic_run(tmp_path, tiny_model_path, fixed_completions, tied: list[bool],
                                   dynamic_sampling=True, **options))
     trainer = GRPOTrainer(tiny_model_path, tied_unless_marked, args=args, train_dataset=dataset)
     sampled_rows = []
-    sample_and_score = trainer.sample_and_score
+    sample = trainer.sample
 
     def spy(rows):
         sampled_rows.append(rows)
-        return sample_and_score(rows)
+        return sample(rows)
 
-    trainer.sample_and_score = spy
+    trainer.sample = spy
     seen = _spy_advantages(trainer)
     trainer.train()
     return trainer, sampled_rows, seen
@@ -157,17 +163,17 @@ def test_dynamic_sampling_honours_the_cap(tiny_model_path, fixed_completions, tm
 
 
 def test_concat_rollouts_pads_prompts_left_and_completions_right():
-    first = {"prompt_ids": torch.tensor([[5, 6]]), "prompt_mask": torch.tensor([[1, 1]]),
+    first = Rollout(**{"prompt_ids": torch.tensor([[5, 6]]), "prompt_mask": torch.tensor([[1, 1]]),
              "completion_ids": torch.tensor([[7]]), "completion_mask": torch.tensor([[1]]),
-             "completion_lengths": torch.tensor([1])}
-    second = {"prompt_ids": torch.tensor([[8]]), "prompt_mask": torch.tensor([[1]]),
+             "completion_lengths": torch.tensor([1])})
+    second = Rollout(**{"prompt_ids": torch.tensor([[8]]), "prompt_mask": torch.tensor([[1]]),
               "completion_ids": torch.tensor([[9, 10, 11]]), "completion_mask": torch.tensor([[1, 1, 1]]),
-              "completion_lengths": torch.tensor([3])}
-    both = concat_rollouts([first, second], pad_token_id=0)
-    assert both["prompt_ids"].tolist() == [[5, 6], [0, 8]] and both["prompt_mask"].tolist() == [[1, 1], [0, 1]]
-    assert both["completion_ids"].tolist() == [[7, 0, 0], [9, 10, 11]]
-    assert both["completion_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
-    assert both["completion_lengths"].tolist() == [1, 3]
+              "completion_lengths": torch.tensor([3])})
+    both = Rollout.concat([first, second], pad_token_id=0)
+    assert both.prompt_ids.tolist() == [[5, 6], [0, 8]] and both.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert both.completion_ids.tolist() == [[7, 0, 0], [9, 10, 11]]
+    assert both.completion_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert both.completion_lengths.tolist() == [1, 3]
 
 
 def test_no_dynamic_sampling_needs_no_extra_round(tiny_model_path, fixed_completions, tmp_path):
@@ -182,6 +188,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 import hf_align.rollout
+from accelerate.utils import gather
 from datasets import Dataset
 from hf_align.data import pad
 from hf_align.generation import Completions, encode_prompts
@@ -212,15 +219,15 @@ args = GRPOConfig(output_dir=out + "/run", per_device_train_batch_size=4, num_ge
                   learning_rate=1e-3)
 trainer = GRPOTrainer(model_path, reward, args=args, train_dataset=dataset)
 batches = []
-compute_advantages = trainer.compute_advantages
+estimate = trainer.estimate
 
 
-def spy(rewards_per_func, rollout):
-    batches.append({"rewards": rewards_per_func[:, 0].tolist(), "rows": rollout["completion_ids"].size(0)})
-    return compute_advantages(rewards_per_func, rollout)
+def spy(rollout):
+    batches.append({"rewards": gather(rollout.rewards_per_func)[:, 0].tolist(), "rows": rollout.num_rows})
+    return estimate(rollout)
 
 
-trainer.compute_advantages = spy
+trainer.estimate = spy
 trainer.train()
 logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as f:

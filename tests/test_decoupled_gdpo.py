@@ -45,7 +45,7 @@ def test_gdpo_normalises_each_reward_in_its_group_then_whitens_the_sum(tiny_mode
                       reward_weights=weights, **QUIET)
     trainer = training_trainer(GDPOTrainer(tiny_model_path, [token_count_reward, even_count_reward], args=args,
                                            train_dataset=embedded_data("prompts", 2)))
-    advantages = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))["advantages"]
+    advantages = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3)).advantages
     # token counts 2, 4, 3 | 1, 2, 3 and their parity 1, 1, 0 | 0, 1, 0, each normalised within its group of 3
     summed = [0.0] * 6
     for weight, rewards in zip(weights, ([2, 4, 3, 1, 2, 3], [1, 1, 0, 0, 1, 0])):

@@ -205,6 +205,7 @@ DDP_SCRIPT = """
 import hashlib, json, sys
 import torch
 torch.set_num_threads(1)
+from accelerate.utils import gather
 from datasets import Dataset
 from hf_align import models
 from hf_align.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -217,11 +218,11 @@ def length_reward(completions, completion_ids, **kwargs):
     return local[-1]["rewards"]
 
 gathered = []
-original = GRPOTrainer.compute_advantages
-def compute_advantages(self, rewards_per_func, rollout):
-    gathered.append(rewards_per_func.tolist())
-    return original(self, rewards_per_func, rollout)
-GRPOTrainer.compute_advantages = compute_advantages
+original = GRPOTrainer.estimate
+def estimate(self, rollout):
+    gathered.append(gather(rollout.rewards_per_func).tolist())
+    return original(self, rollout)
+GRPOTrainer.estimate = estimate
 
 def weights_hash(model):
     digest = hashlib.sha256()

@@ -126,8 +126,8 @@ def test_pad_to_multiple_of_pads_the_rollout_and_matches_trl(tiny_model_path, ti
     ours.train()
     assert max(_relative_differences(_logs(ours), _logs(theirs)).values()) <= REL
     rollout = ours._buffered_rollouts[0]
-    assert rollout["prompt_ids"].shape[1] % 16 == 0 and rollout["completion_ids"].shape[1] == 16
-    assert rollout["completion_mask"][:, 8:].sum() == 0  # masked padding beyond the 8-token completions
+    assert rollout.prompt_ids.shape[1] % 16 == 0 and rollout.completion_ids.shape[1] == 16
+    assert rollout.completion_mask[:, 8:].sum() == 0  # masked padding beyond the 8-token completions
 
 
 # ------------------------------------------------------------------------------------------ cast_lm_head_to_fp32
@@ -194,7 +194,7 @@ def test_sampling_options_reach_generate(trainer_class, config_class, tiny_model
     assert config.top_k == 7 and config.suppress_tokens == [5]  # generation_kwargs override the named fields
     assert shape[1] % 8 == 0
     rollout = trainer._buffered_rollouts[0]
-    assert rollout["prompt_ids"].shape[1] % 8 == 0 and rollout["completion_ids"].shape[1] % 8 == 0
+    assert rollout.prompt_ids.shape[1] % 8 == 0 and rollout.completion_ids.shape[1] % 8 == 0
 
 
 def _sample(model, tokenizer, prompts, seed=0, **fields) -> tuple:

@@ -161,7 +161,7 @@ def _pair_rows(dataset) -> list[dict]:
 
 def _texts(tokenizer, pairs, which: int) -> list[str]:
     """The decoded chosen (`which=0`) or rejected (1) completion of each pair."""
-    ids, mask = pairs["completion_ids"][:, which], pairs["completion_mask"][:, which].bool()
+    ids, mask = pairs.completion_ids[:, which], pairs.completion_mask[:, which].bool()
     return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(ids, mask)]
 
 
@@ -188,7 +188,7 @@ def test_reward_scores_rank_each_pair_ties_to_the_first_after_the_eos_penalty(
     dataset = _prompts(embedded_data, False)
     trainer = OnlineDPOTrainer(tiny_model_path, reward_funcs=score_by_sample, train_dataset=dataset,
                                processing_class=tiny_tokenizer, args=_args(tmp_path, missing_eos_penalty=1.0))
-    pairs = trainer.score_rollout(_pair_rows(dataset))
+    pairs = trainer.make_rollout(_pair_rows(dataset))
 
     stop_ids = hf_align.generation.stop_token_ids(trainer.model, tiny_tokenizer)
     samples = [[fake_completion(ids, g, stop_ids, False) for g in (0, 1)]
@@ -197,13 +197,13 @@ def test_reward_scores_rank_each_pair_ties_to_the_first_after_the_eos_penalty(
     scores -= torch.tensor([[0.0 if s[-1] in stop_ids else 1.0 for s in pair] for pair in samples])
     first_wins = scores[:, 0] >= scores[:, 1]
     assert 0 < int(first_wins.sum()) < len(dataset) and bool((scores[:, 0] == scores[:, 1]).any())
-    assert pairs["completion_ids"].shape[:2] == pairs["ref_logps"].shape[:2] == (len(dataset), 2)
+    assert pairs.completion_ids.shape[:2] == pairs.ref_logps.shape[:2] == (len(dataset), 2)
     for p, (pair, first_won) in enumerate(zip(samples, first_wins.tolist())):
         for which, expected in enumerate(pair if first_won else pair[::-1]):
-            assert int(pairs["completion_mask"][p, which].sum()) == len(expected)
-            assert pairs["completion_ids"][p, which, : len(expected)].tolist() == expected
-    torch.testing.assert_close(pairs["scores"], torch.where(first_wins[:, None], scores, scores.flip(1)))
-    assert pairs["has_stop_token"].tolist() == [[s[-1] in stop_ids for s in (pair if won else pair[::-1])]
+            assert int(pairs.completion_mask[p, which].sum()) == len(expected)
+            assert pairs.completion_ids[p, which, : len(expected)].tolist() == expected
+    torch.testing.assert_close(pairs.extras["scores"], torch.where(first_wins[:, None], scores, scores.flip(1)))
+    assert pairs.extras["has_stop_token"].tolist() == [[s[-1] in stop_ids for s in (pair if won else pair[::-1])]
                                                 for pair, won in zip(samples, first_wins.tolist())]
 
 
@@ -213,7 +213,7 @@ def test_a_pairwise_judge_picks_chosen_and_rejected(tiny_model_path, tiny_tokeni
     judge = LongerTextJudge()
     trainer = OnlineDPOTrainer(tiny_model_path, judge=judge, train_dataset=dataset, processing_class=tiny_tokenizer,
                                args=_args(tmp_path))
-    pairs = trainer.score_rollout(_pair_rows(dataset))
+    pairs = trainer.make_rollout(_pair_rows(dataset))
 
     prompts, firsts, seconds = judge.calls[-1]
     assert prompts == list(dataset["prompt"])  # one call per batch: each pair's prompt once, in order
@@ -241,7 +241,7 @@ def test_judge_reward_ranks_pairs_on_the_tiny_model(tiny_model_path, tiny_tokeni
     assert all("rewards/margins" in log for log in _logs(trainer))
 
     trainer.model.train()
-    pairs = trainer.score_rollout(_pair_rows(dataset))
+    pairs = trainer.make_rollout(_pair_rows(dataset))
     prompts = list(dataset["prompt"])
     chosen = judge.scores(prompts, _texts(tiny_tokenizer, pairs, 0))
     rejected = judge.scores(prompts, _texts(tiny_tokenizer, pairs, 1))

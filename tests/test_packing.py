@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from hf_align import DataCollatorForPreference, DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SimPOConfig, SimPOTrainer
 from hf_align.logprobs import completion_logprobs
 from hf_align.packing import PackedLayout, batch_logprobs, batch_token_count, pack_sequences
-from hf_align.rollout import completion_token_logprobs
+from hf_align.rollout import Rollout, completion_token_logprobs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MODES = {"sharing": dict(prefix_sharing=True), "padding_free": dict(padding_free=True),
@@ -108,7 +108,7 @@ def test_pairs_get_the_log_probs_of_separate_rows(mode, attn_implementation, max
     assert batch_token_count(packed) == plain["attention_mask"].sum()
 
 
-def _rollout(vocab_size: int) -> dict:
+def _rollout(vocab_size: int) -> Rollout:
     """Two groups of three samples, shuffled; left-padded prompts; ragged completions, one of them empty (a truncated
     completion masked out)."""
     generator = torch.Generator().manual_seed(1)
@@ -122,7 +122,7 @@ def _rollout(vocab_size: int) -> dict:
         "completion_mask": torch.tensor([[1] * n + [0] * (5 - n) for n in lengths]),
     }
     order = torch.tensor([3, 0, 5, 1, 4, 2])
-    return {key: value[order] for key, value in rollout.items()}
+    return Rollout(**{key: value[order] for key, value in rollout.items()})
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -137,7 +137,7 @@ def test_groups_get_the_log_probs_and_gradients_of_separate_rows(mode, attn_impl
         (out.token_logps * out.mask).sum().backward()
         results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
     (expected, expected_grads), (got, got_grads) = results
-    assert expected.token_logps.shape == got.token_logps.shape == rollout["completion_ids"].shape
+    assert expected.token_logps.shape == got.token_logps.shape == rollout.completion_ids.shape
     for name in ("token_logps", "mask", "entropy", "mean_logit", "is_top1"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name), **TOL)
     for name, grad in expected_grads.items():  # fp32 summation order differs: compare relative to the gradient's size

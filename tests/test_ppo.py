@@ -22,7 +22,8 @@ from hf_align.defaults import load_default_dataset
 from hf_align.generation import Completions, encode_prompts
 from hf_align.rollout import completion_token_logprobs
 from hf_align.scripts import verifier_accuracy
-from hf_align.trainers.ppo import CRITIC_ATTRIBUTE, PPOConfig, PPOTrainer
+from hf_align.trainers.ppo import PPOConfig, PPOTrainer
+from hf_align.value import CRITIC_ATTRIBUTE
 from hf_align.value import ValueHead
 from hf_align.verifiers import exact_match_reward
 
@@ -46,15 +47,15 @@ def length_reward(completion_ids, **kwargs):
 
 
 def capture_rollouts(trainer) -> list[dict]:
-    """The trainer's rollouts as `score_rollout` returns them (whole and unshuffled), in order."""
+    """The trainer's rollouts as `make_rollout` returns them (whole and unshuffled), in order."""
     rollouts = []
-    score_rollout = trainer.score_rollout
+    make_rollout = trainer.make_rollout
 
     def capturing(rows):
-        rollouts.append(score_rollout(rows))
+        rollouts.append(make_rollout(rows))
         return rollouts[-1]
 
-    trainer.score_rollout = capturing
+    trainer.make_rollout = capturing
     return rollouts
 
 
@@ -134,11 +135,11 @@ def test_lora_shares_one_copy_of_the_base_weights(tiny_model_path, fixed_complet
 
     # The adapter has moved the policy away from its reference, and the reference is still the base model.
     first, last = rollouts[0], rollouts[-1]
-    torch.testing.assert_close(first["old_logps"], first["ref_logps"], rtol=0, atol=1e-5)
-    assert (last["old_logps"] - last["ref_logps"]).abs().max() > 1e-3
+    torch.testing.assert_close(first.old_logps, first.ref_logps, rtol=0, atol=1e-5)
+    assert (last.old_logps - last.ref_logps).abs().max() > 1e-3
     with torch.no_grad():
         base_logps = completion_token_logprobs(base, last).token_logps
-    torch.testing.assert_close(last["ref_logps"], base_logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last.ref_logps, base_logps, rtol=0, atol=1e-5)
 
 
 # -- a separate critic -------------------------------------------------------------------------------------------------
@@ -214,29 +215,29 @@ def test_rollout_returns_and_advantages_are_gae_of_its_stored_values(tiny_model_
     trainer.train()
     rollout = rollouts[-1]
 
-    ids = rollout["completion_ids"]
+    ids = rollout.completion_ids
     lengths = [int(n) for n in (ids != tiny_tokenizer.pad_token_id).sum(-1)]
     rows = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
     scores = scored_unless_multiple_of_five(rows)
     assert None in scores and any(row[-1] != tiny_tokenizer.eos_token_id for row in rows)
-    mask = torch.zeros_like(rollout["old_values"])
+    mask = torch.zeros_like(rollout.values)
     token_rewards = torch.zeros_like(mask)
     for i, (row, score) in enumerate(zip(rows, scores)):
         if score is None:
             continue  # unscorable: out of the loss
         mask[i, : len(row)] = 1
         truncated = row[-1] != tiny_tokenizer.eos_token_id
-        kl = rollout["old_logps"][i, : len(row)] - rollout["ref_logps"][i, : len(row)]
+        kl = rollout.old_logps[i, : len(row)] - rollout.ref_logps[i, : len(row)]
         token_rewards[i, : len(row)] = -beta * kl
         token_rewards[i, len(row) - 1] += score - penalty * truncated
-    torch.testing.assert_close(rollout["completion_mask"].float(), mask)
-    assert ((rollout["old_values"].abs() > 1e-3) * mask).sum() == mask.sum()  # the critic is not trivially 0
-    assert (rollout["old_logps"] - rollout["ref_logps"]).mul(mask).abs().max() > 1e-3
+    torch.testing.assert_close(rollout.completion_mask.float(), mask)
+    assert ((rollout.values.abs() > 1e-3) * mask).sum() == mask.sum()  # the critic is not trivially 0
+    assert (rollout.old_logps - rollout.ref_logps).mul(mask).abs().max() > 1e-3
 
-    advantages, returns = losses.generalized_advantage_estimation(token_rewards, rollout["old_values"], mask, gamma,
+    advantages, returns = losses.generalized_advantage_estimation(token_rewards, rollout.values, mask, gamma,
                                                                   lam)
-    torch.testing.assert_close(rollout["returns"], returns, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(rollout["advantages"], losses.masked_whiten(advantages, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout.returns, returns, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rollout.advantages, losses.masked_whiten(advantages, mask), rtol=1e-5, atol=1e-5)
 
 
 # -- errors ------------------------------------------------------------------------------------------------------------

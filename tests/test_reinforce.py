@@ -76,7 +76,7 @@ def group_rows(dataset, group_size: int) -> list[dict]:
 
 
 def training_trainer(trainer):
-    trainer.model.train()  # `score_rollout` outside `train()`: the model loads in eval mode
+    trainer.model.train()  # `make_rollout` outside `train()`: the model loads in eval mode
     return trainer
 
 
@@ -132,11 +132,11 @@ def test_reinforce_advantage_is_score_minus_mean_of_the_other_completions(tiny_m
     args = ReinforceConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3, **QUIET)
     trainer = training_trainer(ReinforceTrainer(tiny_model_path, length_reward, args=args,
                                                 train_dataset=embedded_data("prompts", 2)))
-    rollout = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))
+    rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
     # scores 2, 4, 3 | 1, 2, 3; leave-one-out baselines 3.5, 2.5, 3 | 2.5, 2, 1.5; γ = 1: the same on every token
     per_row = [-1.5, 1.5, 0.0, -1.5, 0.0, 1.5]
     expected = as_padded([[a] * length for a, length in zip(per_row, LENGTHS)], 4)
-    torch.testing.assert_close(rollout["advantages"], expected)
+    torch.testing.assert_close(rollout.advantages, expected)
 
 
 def test_reinforce_discounted_returns_minus_baseline(tiny_model_path, embedded_data, monkeypatch, tmp_path):
@@ -146,14 +146,14 @@ def test_reinforce_discounted_returns_minus_baseline(tiny_model_path, embedded_d
                            **QUIET)
     trainer = training_trainer(ReinforceTrainer(tiny_model_path, length_reward, args=args,
                                                 train_dataset=embedded_data("prompts", 2)))
-    rollout = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))
+    rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
     # The score L arrives at the last of L tokens: G_t = γ^(L-1-t) L. The baseline is the mean G_0 of the others.
     returns = [[gamma ** (length - 1 - t) * length for t in range(length)] for length in LENGTHS]
     totals = [row[0] for row in returns]  # 1, 0.5, 0.75 | 1, 1, 0.75
     baselines = [(sum(totals[i - i % 3 : i - i % 3 + 3]) - totals[i]) / 2 for i in range(6)]
     assert baselines == [0.625, 0.875, 0.75, 0.875, 0.875, 1.0]
     expected = as_padded([[g - b for g in row] for row, b in zip(returns, baselines)], 4)
-    torch.testing.assert_close(rollout["advantages"], expected)
+    torch.testing.assert_close(rollout.advantages, expected)
 
 
 def test_reinforce_config_errors(tmp_path):
@@ -199,10 +199,10 @@ def test_reinforce_pp_whitens_returns_over_the_whole_batch(estimator, clip, scor
                              advantage_estimator=estimator, reward_clip_range=clip, **QUIET)
     trainer = training_trainer(ReinforcePPTrainer(tiny_model_path, length_reward, args=args,
                                                   train_dataset=embedded_data("prompts", 2)))
-    rollout = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))
+    rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
     # β = 0, γ = 1: every token's return is its completion's (clipped) score; all 15 tokens are whitened together
     expected = expected_whitened([[float(s)] * length for s, length in zip(scores, LENGTHS)])
-    torch.testing.assert_close(rollout["advantages"], as_padded(expected, 4))
+    torch.testing.assert_close(rollout.advantages, as_padded(expected, 4))
 
 
 def test_reinforce_pp_kl_penalty_per_token_by_hand(tiny_model_path, embedded_data, monkeypatch, tmp_path):
@@ -215,15 +215,15 @@ def test_reinforce_pp_kl_penalty_per_token_by_hand(tiny_model_path, embedded_dat
     with torch.no_grad():  # move the policy away from its reference copy, so that the KL is not 0
         torch.manual_seed(0)
         trainer.model.lm_head.weight.add_(0.5 * torch.randn_like(trainer.model.lm_head.weight))
-    rollout = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))
-    kl = rollout["old_logps"] - rollout["ref_logps"]
+    rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
+    kl = rollout.old_logps - rollout.ref_logps
     assert kl[0, :2].abs().min() > 1e-3
     returns = []
     for i, length in enumerate(LENGTHS):
         rewards = [-beta * kl[i, t].item() for t in range(length)]
         rewards[-1] += min(max(float(length), clip[0]), clip[1])  # the clipped score at EOS
         returns.append([sum(gamma ** (s - t) * rewards[s] for s in range(t, length)) for t in range(length)])
-    torch.testing.assert_close(rollout["advantages"], as_padded(expected_whitened(returns), 4))
+    torch.testing.assert_close(rollout.advantages, as_padded(expected_whitened(returns), 4))
 
 
 def test_unscorable_completions_get_no_advantage_and_no_weight(tiny_model_path, embedded_data, monkeypatch,
@@ -240,14 +240,14 @@ def test_unscorable_completions_get_no_advantage_and_no_weight(tiny_model_path, 
     # rows 2 and 5 (3 tokens) are unscorable: the others' 9 tokens are whitened without them
     whitened = expected_whitened([[2.0] * 2, [4.0] * 4, [1.0], [2.0] * 2])
     expected = as_padded([whitened[0], whitened[1], [], whitened[2], whitened[3], []], 4)
-    torch.testing.assert_close(pp.score_rollout(rows)["advantages"], expected)
+    torch.testing.assert_close(pp.make_rollout(rows).advantages, expected)
 
     plain = training_trainer(ReinforceTrainer(tiny_model_path, length_reward_unless_3,
                                               args=ReinforceConfig(**settings),
                                               train_dataset=embedded_data("prompts", 2)))
     # leave-one-out among the scorable: 2 - 4, 4 - 2 | 1 - 2, 2 - 1
     expected = as_padded([[-2.0] * 2, [2.0] * 4, [], [-1.0], [1.0] * 2, []], 4)
-    torch.testing.assert_close(plain.score_rollout(rows)["advantages"], expected)
+    torch.testing.assert_close(plain.make_rollout(rows).advantages, expected)
 
 
 def test_reinforce_pp_loss_is_the_clipped_surrogate_averaged_over_tokens(tiny_model_path, embedded_data,
@@ -257,12 +257,12 @@ def test_reinforce_pp_loss_is_the_clipped_surrogate_averaged_over_tokens(tiny_mo
                              **QUIET)
     trainer = training_trainer(ReinforcePPTrainer(tiny_model_path, length_reward, args=args,
                                                   train_dataset=embedded_data("prompts", 2)))
-    rollout = trainer.score_rollout(group_rows(embedded_data("prompts", 2), 3))
+    rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
     logps = hf_align.rollout.completion_token_logprobs(trainer.model, rollout).token_logps.detach()
-    advantages = torch.zeros_like(rollout["advantages"])
+    advantages = torch.zeros_like(rollout.advantages)
     advantages[1] = 2.0  # only row 1 (4 tokens of 15) has an advantage
     for shift, ratio in ((0.1, math.exp(0.1)), (0.5, 1.2)):  # inside the clip range, then clipped at 1 + ε
-        inputs = {**rollout, "advantages": advantages, "old_logps": logps - shift}
+        inputs = rollout.replace(advantages=advantages, old_logps=logps - shift)
         loss = trainer.compute_loss(trainer.model, inputs)
         assert loss.item() == pytest.approx(-ratio * 2.0 * 4 / 15, rel=1e-4)
 
@@ -318,8 +318,8 @@ for trainer_class, config_class in ((ReinforceTrainer, ReinforceConfig), (Reinfo
     generate = fixed_generate(LENGTHS, first_row=3 * rank)
     hf_align.rollout.generate_completions = hf_align.generation.generate_completions = generate
     trainer.model.train()
-    rollout = trainer.score_rollout(group_rows(dataset, 2)[3 * rank : 3 * rank + 3])
-    json.dump({"world": trainer.accelerator.num_processes, "advantages": rollout["advantages"].tolist()},
+    rollout = trainer.make_rollout(group_rows(dataset, 2)[3 * rank : 3 * rank + 3])
+    json.dump({"world": trainer.accelerator.num_processes, "advantages": rollout.advantages.tolist()},
               open(f"{out}/{trainer_class.__name__}-rank{rank}.json", "w"))
 """
 
@@ -353,7 +353,7 @@ def test_slow_ddp_advantages_match_one_process(tiny_model_path, embedded_data, m
         args = config_class(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=2, beta=0.0,
                             **QUIET)
         trainer = training_trainer(trainer_class(tiny_model_path, length_reward, args=args, train_dataset=dataset))
-        expected = trainer.score_rollout(group_rows(dataset, 2))["advantages"]
+        expected = trainer.make_rollout(group_rows(dataset, 2)).advantages
         ranks = [json.loads((tmp_path / f"{trainer_class.__name__}-rank{r}.json").read_text()) for r in (0, 1)]
         assert [r["world"] for r in ranks] == [2, 2]
         first, second = (torch.tensor(r["advantages"]) for r in ranks)

@@ -33,10 +33,10 @@ def test_remax_advantage_is_sample_reward_minus_greedy_reward(tiny_model_path, e
     assert dataset["answer"] == ["12", "8"]
     greedy_calls = use_fixed_generation(monkeypatch, LENGTHS, greedy_lengths=dict(zip(dataset["prompt"], (3, 1))))
     trainer = remax_trainer(tiny_model_path, dataset, tmp_path)
-    rollout = trainer.score_rollout(group_rows(dataset, 3))
+    rollout = trainer.make_rollout(group_rows(dataset, 3))
     # prompt 0 (answer 12): samples 2, 4, 3 tokens → 24, 48, 36; greedy 3 tokens → 36
     # prompt 1 (answer 8): samples 1, 2, 3 tokens → 8, 16, 24; greedy 1 token → 8
-    torch.testing.assert_close(rollout["advantages"], torch.tensor([-12.0, 12.0, 0.0, 0.0, 8.0, 16.0]))
+    torch.testing.assert_close(rollout.advantages, torch.tensor([-12.0, 12.0, 0.0, 0.0, 8.0, 16.0]))
     # one greedy decode per prompt, at temperature 0, as long as sampling allows
     [(prompts, sampling)] = greedy_calls
     assert prompts == dataset["prompt"]
@@ -52,19 +52,19 @@ def test_remax_kl_penalises_the_sampled_reward_only(tiny_model_path, embedded_da
     with torch.no_grad():  # move the policy away from its reference copy, so that the KL is not 0
         torch.manual_seed(0)
         trainer.model.lm_head.weight.add_(0.5 * torch.randn_like(trainer.model.lm_head.weight))
-    rollout = trainer.score_rollout(group_rows(dataset, 3))
-    sequence_kl = ((rollout["old_logps"] - rollout["ref_logps"]) * rollout["completion_mask"]).sum(-1)
+    rollout = trainer.make_rollout(group_rows(dataset, 3))
+    sequence_kl = ((rollout.old_logps - rollout.ref_logps) * rollout.completion_mask).sum(-1)
     assert sequence_kl.abs().min() > 1e-3
     rewards = torch.tensor([float(length) for length in LENGTHS])
     greedy = torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 1.0])
-    torch.testing.assert_close(rollout["advantages"], rewards - beta * sequence_kl - greedy)
+    torch.testing.assert_close(rollout.advantages, rewards - beta * sequence_kl - greedy)
 
 
 def test_remax_gradient_is_sequence_level_reinforce(tiny_model_path, embedded_data, monkeypatch, tmp_path):
     dataset = embedded_data("prompts", 2)
     use_fixed_generation(monkeypatch, LENGTHS, greedy_lengths=dict(zip(dataset["prompt"], (3, 1))))
     trainer = remax_trainer(tiny_model_path, dataset, tmp_path)
-    rollout = trainer.score_rollout(group_rows(dataset, 3))
+    rollout = trainer.make_rollout(group_rows(dataset, 3))
     weight = trainer.model.lm_head.weight
 
     loss = trainer.compute_loss(trainer.model, rollout)
@@ -73,7 +73,7 @@ def test_remax_gradient_is_sequence_level_reinforce(tiny_model_path, embedded_da
     ours, weight.grad = weight.grad.clone(), None
     # Algorithm 1: -(1/N) Σ_i A_i Σ_t log π(y_i,t)
     token_logps = completion_token_logprobs(trainer.model, rollout).token_logps
-    losses.reinforce_loss(token_logps, rollout["advantages"], rollout["completion_mask"]).backward()
+    losses.reinforce_loss(token_logps, rollout.advantages, rollout.completion_mask).backward()
     assert weight.grad.abs().max() > 1e-4
     torch.testing.assert_close(ours, weight.grad)
 
@@ -120,8 +120,8 @@ generate = fixed_generate(LENGTHS, dict(zip(dataset["prompt"], (3, 2, 2))), firs
                           greedy_calls=greedy_calls)
 hf_align.rollout.generate_completions = hf_align.generation.generate_completions = generate
 trainer.model.train()
-rollout = trainer.score_rollout(group_rows(dataset, 2)[3 * rank : 3 * rank + 3])
-json.dump({"world": trainer.accelerator.num_processes, "advantages": rollout["advantages"].tolist(),
+rollout = trainer.make_rollout(group_rows(dataset, 2)[3 * rank : 3 * rank + 3])
+json.dump({"world": trainer.accelerator.num_processes, "advantages": rollout.advantages.tolist(),
            "greedy_prompts": [prompts for prompts, _ in greedy_calls]}, open(f"{out}/rank{rank}.json", "w"))
 """
 

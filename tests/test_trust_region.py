@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_align import trust_region as tr
-from hf_align.rollout import completion_token_logprobs
+from hf_align.rollout import Rollout, completion_token_logprobs
 
 VOCAB = 32
 
@@ -39,7 +39,7 @@ def tiny_lm(seed: int = 0, attn_implementation: str = "sdpa"):
     return model
 
 
-def random_rollout(rows: int = 4, prompt_length: int = 3, completion_length: int = 5, seed: int = 1) -> dict:
+def random_rollout(rows: int = 4, prompt_length: int = 3, completion_length: int = 5, seed: int = 1) -> Rollout:
     g = torch.Generator().manual_seed(seed)
     rollout = {
         "prompt_ids": torch.randint(3, VOCAB, (rows, prompt_length), generator=g),
@@ -50,14 +50,14 @@ def random_rollout(rows: int = 4, prompt_length: int = 3, completion_length: int
     rollout["prompt_ids"][0, 0] = 0  # a left-padded prompt
     rollout["prompt_mask"][0, 0] = 0
     rollout["completion_mask"][1, -2:] = 0  # a shorter completion
-    return rollout
+    return Rollout(**rollout)
 
 
 def lm_closures(model, rollout, advantages):
     """(old_logps, surrogate_fn, kl_fn) with π_old = the model as it is now."""
     with torch.no_grad():
         old = completion_token_logprobs(model, rollout).token_logps
-    mask = rollout["completion_mask"]
+    mask = rollout.completion_mask
 
     def logps():
         return completion_token_logprobs(model, rollout).token_logps
@@ -196,7 +196,7 @@ def test_trpo_step_size():
 def test_fisher_vector_product_matches_explicit_hessian_on_tiny_lm(attn_implementation):
     model = tiny_lm(attn_implementation=attn_implementation)
     rollout = random_rollout()
-    mask = rollout["completion_mask"]
+    mask = rollout.completion_mask
     # A few trainable parameters, one of them upstream of attention (double backprop through it): 8 + 8 + 64.
     names = ["model.norm.weight", "model.layers.0.post_attention_layernorm.weight",
              "model.layers.0.self_attn.v_proj.weight"]
@@ -375,8 +375,8 @@ def test_trpo_update_on_a_tiny_causal_lm(trainable):
         assert stats.accepted and stats.improvement > 0
         with torch.no_grad():  # measured again, from scratch
             logps = completion_token_logprobs(model, rollout).token_logps
-            kl = float(tr.sampled_token_kl(logps, old, rollout["completion_mask"]))
-            surrogate = float(tr.token_surrogate(logps, old, advantages, rollout["completion_mask"]))
+            kl = float(tr.sampled_token_kl(logps, old, rollout.completion_mask))
+            surrogate = float(tr.token_surrogate(logps, old, advantages, rollout.completion_mask))
         assert within(kl, max_kl)
         assert math.isclose(kl, stats.kl, rel_tol=1e-5, abs_tol=1e-9)
         assert surrogate > stats.surrogate_before

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from hf_align.models import reference_model, unwrap_causal_lm
-from hf_align.rollout import completion_token_logprobs
+from hf_align.rollout import Rollout, completion_token_logprobs
 from hf_align.value import ValueHead, critic_token_values, policy_logprobs_and_values, token_values
 
 PAD = 0
@@ -27,7 +27,7 @@ def _rollout(prompts=PROMPTS, completions=COMPLETIONS):
         "completion_ids": torch.tensor([x + [PAD] * (c - len(x)) for x in completions]),
         "completion_mask": torch.tensor([[1] * len(x) + [0] * (c - len(x)) for x in completions]),
     }
-    return rollout
+    return Rollout(**rollout)
 
 
 def _lora(model, **kwargs):
@@ -66,7 +66,7 @@ def test_values_align_with_completion_tokens(tiny_model):
                 expected[row, t] = hidden[len(prompt) - 1 + t] @ head.linear.weight[0] + head.linear.bias[0]
     assert values.shape == (3, 4) and values.dtype == torch.float32
     torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
-    assert (values[rollout["completion_mask"] == 0] == 0).all() and values[0].abs().min() > 1e-3
+    assert (values[rollout.completion_mask == 0] == 0).all() and values[0].abs().min() > 1e-3
     # Row slicing gives the same values.
     with torch.no_grad():
         torch.testing.assert_close(token_values(tiny_model, head, rollout, batch_size=2), values, rtol=0, atol=1e-6)
@@ -162,7 +162,7 @@ def test_critic_values_are_the_classifier_on_each_prefix(tiny_seqcls_path):
     torch.testing.assert_close(single[0], own, rtol=0, atol=1e-6)
     assert own.std() > 1e-4  # the prefixes score differently
     assert values.shape == (3, 4) and values.dtype == torch.float32
-    assert (values[rollout["completion_mask"] == 0] == 0).all()
+    assert (values[rollout.completion_mask == 0] == 0).all()
     for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):  # padding changes nothing
         with torch.no_grad():
             alone = critic_token_values(critic, _rollout([prompt], [completion]))[0]

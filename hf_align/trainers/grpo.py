@@ -20,17 +20,20 @@ import functools
 import json
 import math
 import os
+import sys
 import types
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather
 
-from .. import losses, models
+from .. import distributed, estimators, losses, models
+from .. import tools as tools_module
+from ..generation import stop_token_ids
 from ..config import RouterAuxLossArguments, VLLMImportanceSamplingArguments
 from ..online import OnlineConfig, OnlineTrainer
 from ..reference_sync import ReferenceSyncArguments
+from ..rollout import token_rollout
 
 GRPO_LOSS_TYPES = losses.PG_LOSS_TYPES
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -159,8 +162,8 @@ class GRPOConfig(OnlineConfig, VLLMImportanceSamplingArguments, ReferenceSyncArg
     )
     max_tool_calling_iterations: int | None = field(
         default=None,
-        metadata={"help": "Most tool-calling turns of an agent's rollout (None: no limit). It only acts with `tools` "
-                          "or `environment_factory`, which hf_align does not run yet."},
+        metadata={"help": "Most tool-calling rounds of a multi-turn rollout (None: no limit). It acts with `tools` "
+                          "or `environment_factory`."},
     )
     cast_lm_head_to_fp32: bool = field(
         default=False,
@@ -302,15 +305,59 @@ class GRPOTrainer(OnlineTrainer):
         rollout_func=None,
         environment_factory=None,
     ):
-        agentic = {"tools": bool(tools), "rollout_func": rollout_func is not None,
-                   "environment_factory": environment_factory is not None}
-        given = [name for name, is_given in agentic.items() if is_given]
-        if given:
-            raise NotImplementedError(
-                f"GRPOTrainer got {', '.join(given)}: hf_align does not run tool-calling or custom rollouts yet (TRL's "
-                "multi-turn agent training); every completion is one sampled turn. Leave them unset.")
+        # TRL's multi-turn rollouts: an environment per row (its methods are tools, its `get_reward` a reward
+        # function), standalone tools, or a custom rollout function.
+        self.environment_pool = tools_module.EnvironmentPool(environment_factory) if environment_factory else None
+        self.tools = list(tools or [])
+        self.rollout_func = rollout_func
+        if self.environment_pool is not None:
+            environment_rewards = self.environment_pool.reward_functions()
+            given = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = given + environment_rewards
+            if args is not None and args.reward_weights is not None:
+                args.reward_weights = list(args.reward_weights) + [1.0] * len(environment_rewards)  # TRL's weight
+        if rollout_func is not None and (self.tools or self.environment_pool is not None):
+            raise ValueError("rollout_func samples the completions itself: give it, or tools / environment_factory, "
+                             "not both.")
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
                          reward_processing_classes, callbacks, optimizers, quantization_config, peft_config)
+        self.tool_rendering = None
+        if self.tools or self.environment_pool is not None:
+            self.tool_rendering = tools_module.tool_tokenizer(self.tokenizer)  # checked before training
+
+    def sample(self, rows):
+        """One completion per row: a single sampled turn, or with tools / environments a multi-turn episode (tool
+        results in the sequence, out of the loss: `Rollout.tool_mask`), or what `rollout_func` returns."""
+        if self.tool_rendering is None and self.rollout_func is None:
+            return super().sample(rows)
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
+        prompts = [row["prompt"] for row in rows]
+        if self.rollout_func is not None:
+            episodes, columns = tools_module.episodes_from_rollout(self.rollout_func(prompts, self), prompts,
+                                                                   self.tokenizer, stop_ids)
+            rows = [{**row, **{key: values[i] for key, values in columns.items()}} for i, row in enumerate(rows)]
+        else:
+            environments = None
+            if self.environment_pool is not None:
+                environments, prompts = self.environment_pool.start(rows)
+                rows = [{**row, "environments": environment} for row, environment in zip(rows, environments)]
+            with distributed.gathered_for_generation(self.accelerator, self.model,
+                                                     self.args.ds3_gather_for_generation) as generator:
+                episodes = tools_module.sample_episodes(
+                    generator, self.tool_rendering, prompts, self.sampling_config(len(prompts)), tools=self.tools,
+                    environments=environments, max_iterations=self.args.max_tool_calling_iterations or sys.maxsize,
+                    max_completion_length=self.args.max_completion_length)
+            calls = self.accelerator.reduce(torch.tensor(float(episodes.tool_calls), device=self.accelerator.device))
+            failures = self.accelerator.reduce(torch.tensor(float(episodes.tool_failures),
+                                                            device=self.accelerator.device))
+            self.record_value("tools/call_frequency", calls / (len(rows) * self.accelerator.num_processes))
+            self.record_value("tools/failure_frequency", failures / calls if calls > 0 else 0.0)
+        rollout = token_rollout(episodes.prompt_ids, episodes.completion_ids, is_truncated=episodes.is_truncated,
+                                pad_token_id=self.tokenizer.pad_token_id, tool_mask=episodes.tool_mask,
+                                mask_truncated=self.args.mask_truncated_completions, device=self.accelerator.device)
+        if self.args.pad_to_multiple_of:
+            rollout = rollout.padded_to_multiple(self.args.pad_to_multiple_of, self.tokenizer.pad_token_id)
+        return rollout.replace(rows=rows, completions=episodes.completions)
 
     @functools.cached_property
     def entropy_control(self) -> EntropyControl:
@@ -322,47 +369,30 @@ class GRPOTrainer(OnlineTrainer):
             cast_lm_head_to_fp32(model)  # before the reference is copied from it
         return model
 
-    def overlong_penalty(self, completion_lengths: torch.Tensor) -> torch.Tensor:
-        """DAPO's soft overlong punishment `[N]` of completions of `completion_lengths` tokens (needs
-        `overlong_buffer_len`)."""
+    def estimator(self):
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            return estimators.Estimator("decoupled")
+        return estimators.Estimator("group_relative", {"scale": self.args.scale_rewards})
+
+    def reward_shaping(self, completion_lengths):
+        """DAPO's soft overlong punishment (eq. 13, `losses.soft_overlong_penalty`) with `overlong_buffer_len`."""
         args = self.args
-        return losses.soft_overlong_penalty(completion_lengths, args.max_completion_length, args.overlong_buffer_len,
-                                            args.overlong_penalty_factor)
+        if args.overlong_buffer_len is None:
+            return {}
+        return {"overlong_penalty": losses.soft_overlong_penalty(
+            completion_lengths, args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor)}
 
     @property
     def dynamic_sampling_rounds(self) -> int | None:
         return self.args.max_dynamic_sampling_rounds if self.args.dynamic_sampling else None
 
-    def tied_groups(self, rewards_per_func, completion_lengths):
-        # Ties are judged on the reward the advantages come from: the weighted sum plus any overlong punishment.
-        if self.args.overlong_buffer_len is None:
-            return super().tied_groups(rewards_per_func, completion_lengths)
-        rewards = self.reward_scorer.combine(rewards_per_func) + self.overlong_penalty(completion_lengths)
-        return losses.reward_std_is_zero(rewards, self.group_size, scale="group")[::self.group_size]
-
-    def compute_advantages(self, rewards_per_func, rollout):
-        if self.args.multi_objective_aggregation == "normalize_then_sum":
-            weights = self.reward_scorer.weights
-            summed = losses.decoupled_group_rewards(rewards_per_func, weights, self.group_size)
-            # As TRL: the batch std of the summed normalised rewards is what a zero advantage comes from.
-            self.record_zero_std_groups(losses.reward_std_is_zero(summed, self.group_size, scale="batch"))
-            return losses.decoupled_group_advantages(rewards_per_func, weights, self.group_size)
-        rewards = self.reward_scorer.combine(rewards_per_func)
-        if self.args.overlong_buffer_len is not None:
-            penalty = self.overlong_penalty(gather(rollout["completion_lengths"]))
-            self.record_value("rewards/overlong_penalty/mean", penalty.mean())
-            rewards = rewards + penalty
-        scale = self.args.scale_rewards
-        self.record_zero_std_groups(losses.reward_std_is_zero(rewards, self.group_size, scale))
-        return losses.group_relative_advantages(rewards, self.group_size, scale)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         policy = self.rollout_logprobs(model, inputs, with_stats=True, entropy_grad=args.uses_entropy_bonus)
-        logps, mask = policy.token_logps, inputs["completion_mask"].float()
-        old_logps = inputs.get("old_logps", logps.detach())
+        logps, mask = policy.token_logps, inputs.loss_mask.float()
+        old_logps = inputs.old_logps if inputs.old_logps is not None else logps.detach()
         log_weights = losses.log_importance_weights(logps, old_logps, mask, level=args.importance_sampling_level)
-        advantages = inputs["advantages"]
+        advantages = inputs.advantages
         per_token_loss = self.policy_loss(logps, old_logps, log_weights, advantages, mask)
         if args.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * losses.off_policy_sequence_mask(
@@ -373,12 +403,12 @@ class GRPOTrainer(OnlineTrainer):
                                                    pool=self.gathered_entropies(policy.entropy, mask)).float()
             per_token_loss = per_token_loss * loss_tokens
         if args.beta != 0:
-            kl = losses.k3_kl(logps, inputs["ref_logps"])
+            kl = losses.k3_kl(logps, inputs.ref_logps)
             if args.use_bias_correction_kl:
                 kl = kl * torch.exp(log_weights)
             per_token_loss = per_token_loss + args.beta * kl
             self.record_token_mean("kl", kl, mask)
-        loss = self.aggregate(per_token_loss, mask, inputs["num_items_in_batch"])
+        loss = self.aggregate(per_token_loss, mask, inputs.num_items_in_batch)
         if args.uses_entropy_bonus:
             self.record_metric("policy_loss", loss)
             loss = loss - self.entropy_bonus(policy.entropy, loss_tokens)

@@ -33,10 +33,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather
 
 from .. import losses
 from ..generation import stop_token_ids
 from ..online import OnlineConfig, OnlineTrainer
+from ..rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,9 @@ class OnlineDPOConfig(OnlineConfig):
                                  "(TRL's OnlineDPOConfig counts prompts): use an even number, twice TRL's value.")
         super().__post_init__()
 
+    def kl_controller(self) -> None:
+        return None  # β is the DPO loss's (a list: one per epoch), not a KL coefficient in a reward
+
 
 class PairwiseJudgePreference:
     """A pairwise judge as a reward function: in each pair of completions (rows 2p and 2p+1, the two samples of one
@@ -158,49 +163,49 @@ def has_stop_token(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
     return (is_stop & completion_mask.bool()).any(-1)
 
 
-def pair_by_preference(rollout: dict, scores: torch.Tensor) -> dict:
+def pair_by_preference(rollout: Rollout, scores: torch.Tensor, has_stop: torch.Tensor) -> Rollout:
     """A rollout whose rows 2p and 2p+1 are the two completions of prompt p, as one row per pair: per-completion
     tensors become `[P, 2, ...]`, the chosen completion (the higher score; the first on a tie, as TRL) then the
-    rejected one; prompt tensors `[P, L]`; `scores` `[N]` is added as `[P, 2]`. Scalars are kept."""
-    rows = rollout["completion_ids"].size(0)
-    if rows % 2 or not torch.equal(rollout["prompt_ids"][0::2], rollout["prompt_ids"][1::2]):
+    rejected one; prompt tensors `[P, L]`; `scores` and `has_stop` (`[N]`) become the extras `[P, 2]`. The
+    completions' texts and rows are not carried (the loss reads tensors)."""
+    rows = rollout.num_rows
+    if rows % 2 or not torch.equal(rollout.prompt_ids[0::2], rollout.prompt_ids[1::2]):
         raise RuntimeError("Online DPO expects the two completions of each prompt in adjacent rows; this rollout "
                            "does not hold them so.")
     first = torch.arange(0, rows, 2, device=scores.device)
     first_wins = scores[0::2] >= scores[1::2]
     order = torch.stack([torch.where(first_wins, first, first + 1), torch.where(first_wins, first + 1, first)], 1)
-    paired = {}
-    for key, value in {**rollout, "scores": scores}.items():
-        if key in ("prompt_ids", "prompt_mask"):
-            paired[key] = value[0::2]
-        elif torch.is_tensor(value) and value.dim() > 0 and value.size(0) == rows:
-            paired[key] = value[order]
-        else:
-            paired[key] = value
-    return paired
+    per_completion = {name: getattr(rollout, name)[order] for name in PAIRED_FIELDS
+                      if getattr(rollout, name) is not None}
+    return Rollout(prompt_ids=rollout.prompt_ids[0::2], prompt_mask=rollout.prompt_mask[0::2], **per_completion,
+                   extras={"scores": scores[order], "has_stop_token": has_stop[order]},
+                   num_items_in_batch=rollout.num_items_in_batch)
 
 
-def unpaired(pairs: dict) -> dict:
+# The per-completion fields Online DPO's loss and metrics read.
+PAIRED_FIELDS = ("completion_ids", "completion_mask", "ref_logps", "is_truncated", "completion_lengths")
+
+
+def unpaired(pairs: Rollout) -> Rollout:
     """The rows `completion_token_logprobs` scores from a batch of pairs: pair p's chosen completion as row 2p, its
     rejected one as row 2p + 1, each after the pair's prompt."""
-    return {
-        "prompt_ids": pairs["prompt_ids"].repeat_interleave(2, dim=0),
-        "prompt_mask": pairs["prompt_mask"].repeat_interleave(2, dim=0),
-        "completion_ids": pairs["completion_ids"].flatten(0, 1),
-        "completion_mask": pairs["completion_mask"].flatten(0, 1),
-    }
+    return Rollout(
+        prompt_ids=pairs.prompt_ids.repeat_interleave(2, dim=0),
+        prompt_mask=pairs.prompt_mask.repeat_interleave(2, dim=0),
+        completion_ids=pairs.completion_ids.flatten(0, 1),
+        completion_mask=pairs.completion_mask.flatten(0, 1),
+    )
 
 
-def cut_prompts_to_fit(rollout: dict, max_length: int | None) -> dict:
+def cut_prompts_to_fit(rollout: Rollout, max_length: int | None) -> Rollout:
     """The rollout with its left-padded prompt columns cut from the left so that prompt + completion columns fit in
     `max_length` (TRL's truncation of the scoring pass; None: unchanged)."""
     if max_length is None:
         return rollout
-    excess = rollout["prompt_ids"].size(1) + rollout["completion_ids"].size(1) - max_length
+    excess = rollout.prompt_ids.size(1) + rollout.completion_ids.size(1) - max_length
     if excess <= 0:
         return rollout
-    return {**rollout, "prompt_ids": rollout["prompt_ids"][:, excess:],
-            "prompt_mask": rollout["prompt_mask"][:, excess:]}
+    return rollout.replace(prompt_ids=rollout.prompt_ids[:, excess:], prompt_mask=rollout.prompt_mask[:, excess:])
 
 
 class OnlineDPOTrainer(OnlineTrainer):
@@ -212,7 +217,6 @@ class OnlineDPOTrainer(OnlineTrainer):
     `compute_metrics` and `preprocess_logits_for_metrics` keep TRL's argument order and must stay None."""
 
     config_class = OnlineDPOConfig
-    has_advantages = False  # `compute_advantages` returns the scores that rank each pair
     algorithm = "Online-DPO"
     paper = {"title": "Direct Language Model Alignment from Online AI Feedback", "id": "2402.04792",
              "citation": ONLINE_DPO_CITATION}
@@ -254,19 +258,14 @@ class OnlineDPOTrainer(OnlineTrainer):
                              "reward models, or `args.reward_model_path`) or with a pairwise `judge`: give exactly one "
                              "of them.")
         self.judge = judge
-        self._explicit_ref_model = ref_model
         super().__init__(
             model, PairwiseJudgePreference(judge) if judge is not None else reward_funcs, args, train_dataset,
             eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers,
-            quantization_config=quantization_config, peft_config=peft_config,
+            quantization_config=quantization_config, peft_config=peft_config, ref_model=ref_model,
         )
         if judge is not None and self.args.missing_eos_penalty is not None:
             raise ValueError("missing_eos_penalty lowers reward scores; a judge gives none. Leave it unset with a "
                              "judge, or rank with reward_funcs.")
-
-    def build_reference(self, ref_model, copy_policy: bool = True):
-        # OnlineTrainer builds the reference without knowing of `ref_model`, TRL's argument: supply it here.
-        return super().build_reference(ref_model if ref_model is not None else self._explicit_ref_model, copy_policy)
 
     @property
     def beta(self) -> float:
@@ -280,28 +279,31 @@ class OnlineDPOTrainer(OnlineTrainer):
     def needs_old_logps(self) -> bool:
         return False  # the DPO loss has no importance ratio
 
-    def token_logps(self, model, rollout: dict) -> torch.Tensor:
+    def token_logps(self, model, rollout: Rollout) -> torch.Tensor:
         # DPO compares the policy's own probabilities (TRL: untempered logits), not the tempered sampling distribution.
-        args = self.args
-        batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
-        return self.rollout_logprobs(model, cut_prompts_to_fit(rollout, args.max_length), temperature=1.0,
-                                     batch_size=batch_size).token_logps
+        return self.rollout_logprobs(model, cut_prompts_to_fit(rollout, self.args.max_length), temperature=1.0,
+                                     batch_size=self.row_batch_size).token_logps
 
-    def compute_advantages(self, rewards_per_func, rollout):
-        """Each completion's score: the weighted reward sum, 0 where no function applied (TRL's `nansum`)."""
-        return torch.nan_to_num(self.reward_scorer.combine(rewards_per_func), nan=0.0)
+    def estimator(self):
+        return None  # the pairs need no advantages: `estimate` ranks them
 
-    def score_rollout(self, rows: list[dict]) -> dict:
-        """Samples two completions per prompt (the rows hold each prompt twice in a row), scores them, and returns one
-        row per pair, chosen completion first, with the reference's token log-probs, the scores and whether each
-        completion holds a stop token."""
-        rollout = super().score_rollout(rows)
-        scores = rollout.pop("advantages")  # what `compute_advantages` returned for this process's completions
-        rollout["has_stop_token"] = has_stop_token(
-            rollout["completion_ids"], rollout["completion_mask"], stop_token_ids(self.model, self.tokenizer))
+    def estimate(self, rollout: Rollout) -> Rollout:
+        """Online DPO's estimate stage: the reference's token log-probs, each completion's score (the weighted reward
+        sum, 0 where no function applied, TRL's `nansum`; less `missing_eos_penalty` without a stop token), and one
+        row per pair, chosen completion first."""
+        with torch.no_grad():
+            rollout = self.policy_statistics(rollout, frozenset())
+        rewards_per_func = gather(rollout.rewards_per_func)
+        self.record_reward_metrics(rewards_per_func)
+        if self.args.log_completions:
+            self.record_completions(rollout, rewards_per_func, None)
+        scores = torch.nan_to_num(self.reward_scorer.combine(rewards_per_func), nan=0.0)
+        scores = self.local_part(scores, rollout)
+        has_stop = has_stop_token(rollout.completion_ids, rollout.completion_mask,
+                                  stop_token_ids(self.model, self.tokenizer))
         if self.args.missing_eos_penalty is not None:
-            scores = scores - self.args.missing_eos_penalty * (~rollout["has_stop_token"]).float()
-        return pair_by_preference(rollout, scores)
+            scores = scores - self.args.missing_eos_penalty * (~has_stop).float()
+        return pair_by_preference(rollout, scores, has_stop)
 
     def record_reward_metrics(self, rewards_per_func: torch.Tensor) -> None:
         if self.judge is None:  # a judge's 1/0 preferences are no rewards to average
@@ -311,7 +313,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         completions = unpaired(inputs)
         policy = self.rollout_logprobs(model, cut_prompts_to_fit(completions, self.args.max_length), temperature=1.0)
-        ref_token_logps = inputs["ref_logps"].flatten(0, 1)
+        ref_token_logps = inputs.ref_logps.flatten(0, 1)
         logps, ref_logps = policy.sum.view(-1, 2), ref_token_logps.sum(-1).view(-1, 2)
         chosen_logratios, rejected_logratios = (logps - ref_logps).unbind(-1)
         # Unit lengths: TRL's Online DPO takes IPO on summed log-ratios (not divided by length as offline IPO).
@@ -322,7 +324,7 @@ class OnlineDPOTrainer(OnlineTrainer):
                                  (policy.token_logps - ref_token_logps).detach())
         return (loss, {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1]}) if return_outputs else loss
 
-    def record_pair_metrics(self, pairs: dict, logps: torch.Tensor, logratios: torch.Tensor,
+    def record_pair_metrics(self, pairs: Rollout, logps: torch.Tensor, logratios: torch.Tensor,
                             token_kl: torch.Tensor) -> None:
         """TRL's Online DPO metrics of a batch of pairs. `logps` / `logratios`: `[P, 2]` summed log-probs and
         `logp - ref` (chosen, rejected); `token_kl`: `[2P, C]` per-token `logp - ref` (0 off the completions), rows
@@ -342,10 +344,10 @@ class OnlineDPOTrainer(OnlineTrainer):
         self.record_sum("rewards/accuracies", (rewards[:, 0] > rewards[:, 1]).float())
         self.record_sum("logps/chosen", logps[:, 0])
         self.record_sum("logps/rejected", logps[:, 1])
-        self.record_sum("val/contain_eos_token", pairs["has_stop_token"].float())
+        self.record_sum("val/contain_eos_token", pairs.extras["has_stop_token"].float())
         self.record_value("beta", beta)
         if self.judge is None:  # scores are rewards only when reward functions gave them
-            scores = pairs["scores"]
+            scores = pairs.extras["scores"]
             self.record_sum("objective/scores", scores)
             self.record_sum("objective/scores_margin", scores[:, 0] - scores[:, 1])
             self.record_sum("objective/rlhf_reward", scores.flatten() + non_score_reward)

@@ -29,7 +29,8 @@ KL in the reward; here both estimators keep the k1 KL in the reward (ALGORITHMS.
 Several processes: the returns are per token, and each process's completions are padded only to its own longest. The
 completion masks and KL estimates are padded to the longest completion of any process before they are gathered
 (`OnlineTrainer.gather_tokens`), so the returns and the whitening see the whole batch; each process then keeps its own
-rows of the `[N_all, C_max]` advantages, cut back to its own width (`ReinforceTrainer.score_rollout`).
+rows of the `[N_all, C_max]` advantages, cut back to its own width (`OnlineTrainer.local_part`). The estimators are
+`estimators.reinforce_returns` and `estimators.reinforce_plus_plus`.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
-from .. import losses
+from .. import estimators, losses
 from ..online import OnlineConfig, OnlineTrainer
 
 ADVANTAGE_ESTIMATORS = ("reinforce++", "reinforce++_baseline")
@@ -86,43 +85,13 @@ class ReinforceTrainer(OnlineTrainer):
     algorithm = "REINFORCE"
     paper = {}  # Williams (1992) has no arXiv id, which the model card links to.
 
-    def needs_old_logps(self) -> bool:
-        # The per-token KL in the reward is measured with the sampling policy.
-        return self.args.beta != 0 or super().needs_old_logps()
-
-    def score_rollout(self, rows: list[dict]) -> dict:
-        rollout = super().score_rollout(rows)
-        # Token advantages come back as wide as the longest completion of any process; keep this process's width.
-        rollout["advantages"] = rollout["advantages"][:, : rollout["completion_mask"].size(1)]
-        return rollout
-
-    def token_returns(self, scores: torch.Tensor, rollout: dict, clip: list[float] | None = None):
-        """The returns-to-go `G_t` `[N_all, C_max]` of every process's completions and the mask `[N_all, C_max]` they
-        are defined on, from the completions' scores `[N_all]` (NaN: unscorable; its row is masked out and its returns
-        are 0), clipped to `clip` first, and the k1 KL penalty with `beta > 0`."""
-        mask = self.gather_tokens(rollout["completion_mask"]).to(scores.dtype) * (~torch.isnan(scores))[:, None]
-        if self.args.beta != 0:
-            token_kl = rollout["old_logps"] - rollout["ref_logps"]
-            self.record_token_mean("kl", token_kl, rollout["completion_mask"])
-            kl = self.gather_tokens(token_kl).to(scores.dtype)
-        else:
-            kl = torch.zeros_like(mask)
-        token_rewards = losses.kl_penalised_token_rewards(scores.nan_to_num(), kl, mask, self.args.beta, clip)
-        return losses.discounted_returns(token_rewards, mask, self.args.gamma), mask
-
-    def compute_advantages(self, rewards_per_func, rollout):
-        scores = self.reward_scorer.combine(rewards_per_func)
-        self.record_zero_std_groups(losses.reward_std_is_zero(scores, self.group_size))
-        returns, mask = self.token_returns(scores, rollout)
-        # Completions with no token to train on (unscorable, or masked as truncated) are left out of the baselines.
-        totals = returns[:, 0].masked_fill(mask[:, 0] == 0, float("nan"))
-        # G_t - b = (G_t - G_0) + (G_0 - b), the second term being the leave-one-out advantage of the totals G_0.
-        return (returns - returns[:, :1] + losses.leave_one_out_advantages(totals, self.group_size)[:, None]) * mask
+    def estimator(self):
+        return estimators.Estimator("reinforce_returns", {"beta": self.kl_controller.value, "gamma": self.args.gamma})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy = self.rollout_logprobs(model, inputs, with_stats=True)
-        mask = inputs["completion_mask"].float()
-        loss = losses.reinforce_loss(policy.token_logps, inputs["advantages"], mask)
+        mask = inputs.loss_mask.float()
+        loss = losses.reinforce_loss(policy.token_logps, inputs.advantages, mask)
         self.record_token_mean("entropy", policy.entropy, mask)
         return (loss, {"logps": policy.token_logps}) if return_outputs else loss
 
@@ -173,26 +142,21 @@ class ReinforcePPTrainer(ReinforceTrainer):
     paper = {"title": "REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Normalization",
              "id": "2501.03262", "citation": REINFORCE_PP_CITATION}
 
-    def compute_advantages(self, rewards_per_func, rollout):
-        scores = self.reward_scorer.combine(rewards_per_func)
-        with_baseline = self.args.advantage_estimator == "reinforce++_baseline"
-        # Without the group baseline only a batch whose scores all tie teaches nothing.
-        self.record_zero_std_groups(
-            losses.reward_std_is_zero(scores, self.group_size, "group" if with_baseline else "batch"))
-        if with_baseline:
-            scores = torch.where(torch.isnan(scores), scores, losses.group_mean_baseline(scores, self.group_size))
-        returns, mask = self.token_returns(scores, rollout, clip=self.args.reward_clip_range)
-        return losses.masked_whiten(returns, mask)
+    def estimator(self):
+        args = self.args
+        return estimators.Estimator("reinforce++", {
+            "beta": self.kl_controller.value, "gamma": args.gamma, "reward_clip_range": args.reward_clip_range,
+            "group_baseline": args.advantage_estimator == "reinforce++_baseline"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         policy = self.rollout_logprobs(model, inputs, with_stats=True)
-        logps, mask = policy.token_logps, inputs["completion_mask"].float()
-        log_ratio = logps - inputs.get("old_logps", logps.detach())
-        advantages = inputs["advantages"]
+        logps, mask = policy.token_logps, inputs.loss_mask.float()
+        log_ratio = logps - (inputs.old_logps if inputs.old_logps is not None else logps.detach())
+        advantages = inputs.advantages
         per_token_loss = losses.clipped_surrogate_loss(log_ratio, advantages, args.epsilon, args.epsilon_high)
         loss = losses.aggregate_token_loss(
-            per_token_loss, mask, "dapo", num_items_in_batch=inputs["num_items_in_batch"],
+            per_token_loss, mask, "dapo", num_items_in_batch=inputs.num_items_in_batch,
             num_processes=self.accelerator.num_processes,
             steps_per_generation=args.steps_per_generation if self.model.training else 1,
         )

@@ -21,7 +21,7 @@ gets the greedy baseline alone, independent of its siblings.
 
 Several processes: each holds a contiguous slice of the generation batch, so a prompt's group may be split between two
 processes. Each group is decoded greedily once, by the process that holds its first row, and the greedy rewards are
-gathered, so that every process sees the baseline of every group (see `ReMaxTrainer.greedy_rewards`).
+gathered, so that every process sees the baseline of every group (see `OnlineTrainer.greedy_rewards`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-from accelerate.utils import gather
-
-from .. import distributed, generation, losses
-from ..generation import SamplingConfig
+from .. import estimators
 from ..online import OnlineConfig
 from .rloo import RLOOTrainer
 
@@ -55,16 +51,6 @@ class ReMaxConfig(OnlineConfig):
         default=1, metadata={"help": "Completions sampled per prompt, each compared with the greedy one."}
     )
 
-    def greedy_sampling(self, batch_size: int) -> SamplingConfig:
-        """How the baseline is decoded: greedily, with the prompts rendered and the engine chosen as for the samples
-        (`chat_template_kwargs`, continuous batching); the sampling filters and `generation_kwargs` do not apply."""
-        return SamplingConfig(
-            max_new_tokens=self.max_completion_length, temperature=0, batch_size=batch_size,
-            chat_template_kwargs=self.chat_template_kwargs,
-            continuous_batching=self.use_transformers_continuous_batching,
-            continuous_batching_config=self.transformers_continuous_batching_config,
-        )
-
 
 class ReMaxTrainer(RLOOTrainer):
     """Trains `model` on prompts with rewards from `reward_funcs` (callables with TRL's signature, reward models, or
@@ -75,45 +61,8 @@ class ReMaxTrainer(RLOOTrainer):
     paper = {"title": "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning Large "
                       "Language Models", "id": "2310.10505", "citation": REMAX_CITATION}
 
-    def score_rollout(self, rows: list[dict]) -> dict:
-        # `compute_advantages` needs the baseline; `OnlineTrainer.score_rollout` passes it the rewards only.
-        self._greedy_rewards = self.greedy_rewards(rows)
-        return super().score_rollout(rows)
-
-    def greedy_rewards(self, rows: list[dict]) -> torch.Tensor:
-        """The reward of the greedy completion of each group's prompt, for the groups of every process, `[N_all / G]`.
-
-        A process's rows are a contiguous slice of the generation batch and a group's rows are consecutive, so the
-        process that holds a group's first row decodes it; it writes the reward at that row and NaN at its other rows,
-        and the gathered rows hold each group's baseline at the group's first row."""
-        group_size = self.group_size
-        first_row = self.local_rows(len(rows)).start
-        leaders = [i for i in range(len(rows)) if (first_row + i) % group_size == 0]
-        per_row = torch.full((len(rows),), float("nan"), device=self.accelerator.device)
-        if leaders:  # a process may hold no group's first row
-            per_row[leaders] = self.score_greedy([rows[i] for i in leaders]).to(per_row.device)
-        return gather(per_row).view(-1, group_size)[:, 0]
-
-    def score_greedy(self, rows: list[dict]) -> torch.Tensor:
-        """The combined reward `[len(rows)]` of the greedy completion of each row's prompt."""
-        prompts = [row["prompt"] for row in rows]
-        with distributed.gathered_for_generation(self.accelerator, self.model,
-                                                 self.args.ds3_gather_for_generation) as generator:
-            greedy = generation.generate_completions(generator, self.tokenizer, prompts,
-                                                     self.args.greedy_sampling(len(prompts)))
-        rewards_per_func = self.score_completions(rows, greedy)
-        self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
-        return self.reward_scorer.combine(rewards_per_func)
-
-    def compute_advantages(self, rewards_per_func, rollout):
-        rewards = self.reward_scorer.combine(rewards_per_func)
-        if self.args.beta != 0:
-            mask = rollout["completion_mask"]
-            token_kl = rollout["old_logps"] - rollout["ref_logps"]
-            self.record_token_mean("kl", token_kl, mask)
-            rewards = rewards - self.args.beta * gather((token_kl * mask).sum(-1))
-        self.record_value("greedy_reward", torch.nanmean(self._greedy_rewards))
-        return losses.greedy_baseline_advantages(rewards, self._greedy_rewards, self.group_size)
+    def estimator(self):
+        return estimators.Estimator("greedy_baseline", {"beta": self.kl_controller.value})
 
     def card_hyperparameters(self) -> dict:
         args = self.args

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from accelerate.utils import gather
-
-from .. import losses
+from .. import estimators, losses
 from ..config import RouterAuxLossArguments
 from ..online import OnlineConfig, OnlineTrainer
 from ..reference_sync import ReferenceSyncArguments
@@ -58,25 +56,18 @@ class RLOOTrainer(OnlineTrainer):
     def needs_old_logps(self) -> bool:
         return True  # the KL in the reward is measured with the sampling policy
 
-    def compute_advantages(self, rewards_per_func, rollout):
-        rewards = self.reward_scorer.combine(rewards_per_func)
-        if self.args.reward_clip_range:
-            low, high = self.args.reward_clip_range
-            rewards = rewards.clamp(min=low, max=high)
-        if self.args.beta != 0:
-            mask = rollout["completion_mask"]
-            token_kl = rollout["old_logps"] - rollout["ref_logps"]
-            self.record_token_mean("kl", token_kl, mask)
-            rewards = rewards - self.args.beta * gather((token_kl * mask).sum(-1))
-        self.record_zero_std_groups(losses.reward_std_is_zero(rewards, self.group_size))
-        return losses.leave_one_out_advantages(rewards, self.group_size, normalize=self.args.normalize_advantages)
+    def estimator(self):
+        args = self.args
+        return estimators.Estimator("leave_one_out", {"beta": self.kl_controller.value,
+                                                      "normalize": args.normalize_advantages,
+                                                      "reward_clip_range": args.reward_clip_range})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         policy = self.rollout_logprobs(model, inputs, with_stats=True)
-        mask = inputs["completion_mask"].float()
-        log_ratio = losses.log_importance_weights(policy.token_logps, inputs["old_logps"], mask, level="sequence_sum")
-        advantages = inputs["advantages"]
+        mask = inputs.loss_mask.float()
+        log_ratio = losses.log_importance_weights(policy.token_logps, inputs.old_logps, mask, level="sequence_sum")
+        advantages = inputs.advantages
         loss = losses.clipped_surrogate_loss(log_ratio, advantages, args.epsilon, args.epsilon_high).mean()
         loss = self.add_router_aux_loss(loss, policy)
         self.record_token_mean("entropy", policy.entropy, mask)

@@ -11,7 +11,7 @@ it: vectors of the adapters' size, a few MB), or every weight in full fine-tunin
 of them per update: fine for small models, prohibitive at billions of parameters, where LoRA-restricted TRPO is the
 practical choice.
 
-Advantages (`advantage_estimator`): "gae", PPO's (`PPOTrainer`'s rollout processing: per-token rewards with the KL
+Advantages (`advantage_estimator`): "gae", PPO's (`estimators.generalized_advantages`: per-token rewards with the KL
 penalty and the score at the end, GAE over the critic's values, whitened), with the critic trained by the optimizer
 on the clipped value loss (gradients reach only the critic, never the policy, whose update is the trust-region step
 alone); or "grpo", group-relative (GRPO's `(r - mean_G) / (std_G + 1e-4)` over `num_generations` completions per
@@ -30,9 +30,10 @@ from typing import ClassVar
 
 import torch
 
-from .. import losses, trust_region
+from .. import estimators, losses, trust_region
 from ..online import OnlineTrainer
-from .ppo import PPOConfig, PPOTrainer
+from ..rollout import Rollout
+from .ppo import PPOConfig
 
 TRPO_CITATION = """@inproceedings{schulman2015trust,
     title     = {{Trust Region Policy Optimization}},
@@ -86,37 +87,49 @@ class TRPOConfig(PPOConfig):
         super().__post_init__()
 
 
-class TRPOTrainer(PPOTrainer):
+class TRPOTrainer(OnlineTrainer):
     """Trains `model` with TRPO on prompts scored by `reward_funcs` (reward models, reward functions, or a list).
     `value_model`, for `advantage_estimator="gae"`: None for a value head on the policy, or a one-label sequence
-    classifier as a separate critic."""
+    classifier as a separate critic; with "grpo" there is no critic."""
 
     config_class = TRPOConfig
     algorithm = "TRPO"
     paper = {"title": "Trust Region Policy Optimization", "id": "1502.05477", "citation": TRPO_CITATION}
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: TRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        value_model=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        super().__init__(
+            model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes,
+            callbacks, optimizers, quantization_config=quantization_config, peft_config=peft_config,
+            value_model=value_model,
+        )
         if self.accelerator.num_processes > 1:
             raise ValueError("TRPOTrainer runs on one process: its conjugate-gradient vectors are not averaged "
                              "across processes.")
-        critic_ids = {id(p) for p in self.critic.parameters()}
+        critic_ids = {id(p) for p in self.critic.parameters()} if self.critic is not None else set()
         self.policy_parameters = [p for p in self.model.parameters() if p.requires_grad and id(p) not in critic_ids]
         self.trpo_history: list[trust_region.TRPOStats] = []  # every update's statistics (logged averaged)
 
-    def score_rollout(self, rows: list[dict]) -> dict:
+    def estimator(self):
         if self.args.advantage_estimator == "gae":
-            return super().score_rollout(rows)
-        return OnlineTrainer.score_rollout(self, rows)  # one advantage per completion: nothing to trim
+            return self.args.gae_estimator(self.kl_controller.value)
+        return estimators.Estimator("group_relative")
 
-    def compute_advantages(self, rewards_per_func, rollout):
-        if self.args.advantage_estimator == "gae":
-            return super().compute_advantages(rewards_per_func, rollout)
-        with torch.no_grad():
-            rollout["old_logps"] = self.token_logps(self.model, rollout)
-        rewards = self.reward_scorer.combine(rewards_per_func)
-        self.record_zero_std_groups(losses.reward_std_is_zero(rewards, self.group_size))
-        return losses.group_relative_advantages(rewards, self.group_size)
+    def needs_old_logps(self) -> bool:
+        return True  # the trust region is around the sampling policy
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -128,16 +141,16 @@ class TRPOTrainer(PPOTrainer):
                            ("step_fraction", stats.step_fraction), ("surrogate_improvement", stats.improvement)):
             self.record_value(f"trpo/{key}", value)
         self.trpo_history.append(stats)
-        if self.args.advantage_estimator != "gae":
+        if self.critic is None:
             loss = torch.tensor(-stats.surrogate_after, device=self.accelerator.device)
         else:
             loss = self.critic_step(model, rollout)
         self.check_finite_step(model, loss)
         return loss
 
-    def trust_region_step(self, model, rollout: dict) -> trust_region.TRPOStats:
-        mask = rollout["completion_mask"].float()
-        old_logps, advantages = rollout["old_logps"], rollout["advantages"]
+    def trust_region_step(self, model, rollout: Rollout) -> trust_region.TRPOStats:
+        mask = rollout.loss_mask.float()
+        old_logps, advantages = rollout.old_logps, rollout.advantages
 
         def logps():
             return self.rollout_logprobs(model, rollout).token_logps
@@ -151,18 +164,18 @@ class TRPOTrainer(PPOTrainer):
             accept_ratio=args.accept_ratio, backtrack_ratio=args.backtrack_ratio, max_backtracks=args.max_backtracks,
         )
 
-    def critic_step(self, model, rollout: dict) -> torch.Tensor:
+    def critic_step(self, model, rollout: Rollout) -> torch.Tensor:
         """Backpropagates the clipped value loss into the critic alone (the Trainer's optimizer then steps it)."""
-        mask = rollout["completion_mask"].float()
+        mask = rollout.loss_mask.float()
         with self.frozen(self.policy_parameters):
             _, values = self.logprobs_and_values(model, rollout)
-        value_loss, clipfrac = losses.clipped_value_loss(values, rollout["old_values"], rollout["returns"], mask,
+        value_loss, clipfrac = losses.clipped_value_loss(values, rollout.values, rollout.returns, mask,
                                                          self.args.cliprange_value)
         loss = self.args.vf_coef * value_loss
         self.accelerator.backward(loss)
         self.record_metric("loss/value", value_loss)
         self.record_metric("val/clipfrac", clipfrac)
-        self.record_metric("val/explained_variance", losses.explained_variance(values.detach(), rollout["returns"],
+        self.record_metric("val/explained_variance", losses.explained_variance(values.detach(), rollout.returns,
                                                                                 mask))
         return loss.detach()
 

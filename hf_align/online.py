@@ -31,7 +31,8 @@ from .generation import SamplingConfig
 from .logprobs import CompletionLogProbs
 from .reference_sync import ReferenceSync, ReferenceSyncArguments
 from .rewards import RewardScorer
-from .rollout import GroupSampler, Rollout, completion_token_logprobs, sample_rollout
+from .rollout import GroupSampler, Rollout, sample_rollout
+from .sequence_logprobs import completion_token_logprobs
 from .trainer import AlignTrainer
 from .value import CRITIC_ATTRIBUTE, CRITIC_WEIGHTS_NAME, ValueHead, critic_token_values, policy_logprobs_and_values
 
@@ -590,7 +591,7 @@ class OnlineTrainer(AlignTrainer):
 
     def rollout_logprobs(self, model, rollout: Rollout, *, temperature: float | None = None, with_stats: bool = False,
                          entropy_grad: bool = False, batch_size: int | None = None) -> CompletionLogProbs:
-        """`rollout.completion_token_logprobs` at the sampling temperature (unless given) with the Config's packing
+        """`sequence_logprobs.completion_token_logprobs` at the sampling temperature (unless given) with the Config's packing
         (`prefix_sharing`, `padding_free`)."""
         args = self.args
         return completion_token_logprobs(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .logprobs import DEFAULT_CHUNK_SIZE, CompletionLogProbs, completion_logprobs, scored_forward
+from .logprobs import DEFAULT_CHUNK_SIZE, CompletionLogProbs, scored_forward
 from .models import unwrap_causal_lm
 
 PackedSequence = tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]  # prompt, completions, output rows
@@ -180,20 +180,6 @@ def packed_logprobs(
     logps, *stats = forward.values
     return CompletionLogProbs(per_completion(logps), per_completion(torch.ones_like(logps)),
                               *(per_completion(values) for values in stats), aux_loss=forward.aux_loss)
-
-
-def batch_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   with_stats: bool = False) -> CompletionLogProbs:
-    """Completion log-probs of a collated batch: a packed one (`completion_index`, from `pack_sequences`) gives one row
-    per completion (`packed_logprobs`), a padded one (`input_ids` / `attention_mask` / `completion_mask`) its rows."""
-    if "completion_index" in batch:
-        lengths = batch["completion_lengths"]
-        return packed_logprobs(
-            model, batch["input_ids"], batch["sequence_ids"], batch["completion_index"], num_completions=len(lengths),
-            width=int(lengths.max()), temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
-        )
-    return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               temperature=temperature, chunk_size=chunk_size, with_stats=with_stats)
 
 
 def batch_token_count(batch: dict, num_completions: int | None = None) -> torch.Tensor:

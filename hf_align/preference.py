@@ -78,7 +78,7 @@ class DataCollatorForPreference:
     `ref_chosen_logps` / `ref_rejected_logps` pass through as `[B]` tensors.
 
     With `prefix_sharing` or `padding_free`, the batch is packed instead (`packing.pack_sequences`, scored by
-    `packing.batch_logprobs`): with `prefix_sharing` each pair is one sequence `prompt, chosen, rejected`, the prompt
+    `sequence_logprobs.batch_logprobs`): with `prefix_sharing` each pair is one sequence `prompt, chosen, rejected`, the prompt
     held once; with `padding_free` every sequence of the batch goes into one row with no padding. Completion `b` is
     pair `b`'s chosen, completion `B + b` its rejected, as in the `[2B, T]` rows. Each completion is truncated as in
     its own row; sharing the prompt needs `truncation_mode="keep_start"` (the prompt kept whole) when `max_length`

@@ -19,8 +19,6 @@ from torch.utils.data import Sampler
 
 from . import data
 from .generation import Completions, SamplingConfig, generate_completions, stop_token_ids
-from .logprobs import CompletionLogProbs, completion_logprobs
-from .packing import pack_sequences, packed_logprobs
 
 
 class GroupSampler(Sampler[int]):
@@ -248,64 +246,6 @@ def token_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
     if tool_mask is not None:
         tensors["tool_mask"] = data.pad([torch.tensor(mask, dtype=torch.long) for mask in tool_mask], 0)
     return Rollout(**{name: value.to(device) for name, value in tensors.items()})
-
-
-def completion_token_logprobs(model, rollout: dict, *, temperature: float = 1.0, with_stats: bool = False,
-                              entropy_grad: bool = False, batch_size: int | None = None, prefix_sharing: bool = False,
-                              padding_free: bool = False) -> CompletionLogProbs:
-    """Per-token log-probs of the rollout's completions under `model`, aligned with `completion_ids` (`[N, C]`;
-    entropy etc. with `with_stats`, the entropy with its gradient with `entropy_grad`), `batch_size` rows at a time (all at once when None). Sampling logits are divided
-    by `temperature`, so are these (TRL's convention).
-
-    With `prefix_sharing`, the rows of a batch with the same prompt (a group's samples) are packed into one sequence
-    that holds the prompt once; with `padding_free`, the batch's sequences go into one row (`packing`). Either way
-    each token's log-prob is the one it gets in its own row."""
-    batch_size = batch_size or rollout.num_rows
-    pieces = []
-    for start in range(0, rollout.num_rows, batch_size):
-        part = rollout.select(slice(start, start + batch_size))
-        if prefix_sharing or padding_free:
-            pieces.append(_packed_rollout_logprobs(model, part, temperature, with_stats, entropy_grad, prefix_sharing,
-                                                   padding_free))
-        else:
-            pieces.append(_rollout_row_logprobs(model, part, temperature, with_stats, entropy_grad))
-    fields = ("token_logps", "mask", "entropy", "mean_logit", "is_top1") if with_stats else ("token_logps", "mask")
-    # A Mixture-of-Experts model's load-balancing loss: the mean of the forwards' (TRL's).
-    aux_loss = torch.stack([p.aux_loss for p in pieces]).mean() if pieces[0].aux_loss is not None else None
-    return CompletionLogProbs(**{name: torch.cat([getattr(p, name) for p in pieces]) for name in fields},
-                              aux_loss=aux_loss)
-
-
-def _rollout_row_logprobs(model, rollout, temperature, with_stats, entropy_grad) -> CompletionLogProbs:
-    """Each row `prompt + completion` on its own, with the position ids it was sampled with (left padding)."""
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    score_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = completion_logprobs(model, input_ids, attention_mask, score_mask, position_ids=position_ids,
-                              temperature=temperature, with_stats=with_stats, entropy_grad=entropy_grad)
-    prompt_length = rollout.prompt_ids.size(1)
-    return out.map_tokens(lambda values: values[:, prompt_length:])
-
-
-def _packed_rollout_logprobs(model, rollout, temperature, with_stats, entropy_grad, prefix_sharing,
-                             padding_free) -> CompletionLogProbs:
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
-    completions = [
-        ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
-    ]
-    groups: dict[tuple, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        groups.setdefault(tuple(prompt) if prefix_sharing else (row,), []).append(row)
-    sequences = [(prompts[rows[0]], [completions[row] for row in rows], rows) for rows in groups.values()]
-    device = rollout.completion_ids.device
-    packed = {key: value.to(device) for key, value in
-              pack_sequences(sequences, pad_token_id=0, padding_free=padding_free).items()}
-    return packed_logprobs(
-        model, packed["input_ids"], packed["sequence_ids"], packed["completion_index"],
-        num_completions=len(prompts), width=rollout.completion_ids.size(1), temperature=temperature,
-        with_stats=with_stats, entropy_grad=entropy_grad,
-    )
 
 
 def _has_rows(value, rows: int) -> bool:

@@ -16,7 +16,7 @@ surrogate to MAXIMISE, `kl_fn()` the scalar mean `KL(π_old ‖ π_θ)`, where "
 `trpo_update` starts from (detached; so the KL is 0 there and its Hessian is the Fisher matrix). Both must be
 deterministic (model in eval mode: no dropout) and must work under `torch.no_grad()` (the line search evaluates them
 so). `sampled_token_kl` and `token_surrogate` build them from per-token log-probs, e.g. from
-`hf_align.rollout.completion_token_logprobs` (whose chunked LM head supports double backprop). Vectors over the
+`hf_align.sequence_logprobs.completion_token_logprobs` (whose chunked LM head supports double backprop). Vectors over the
 parameters are flat, in the parameters' dtype promoted to at least float32.
 
 Cost. Each Fisher-vector product is one extra backward pass through the graph of the KL gradient (≈ 2–3× a normal

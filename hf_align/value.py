@@ -17,7 +17,7 @@ action taken in s_t) and with the per-token reward `r_t`. `values[:, 0]` is read
 position after the last completion token is never read: the state after EOS is terminal with value 0, which is what
 `losses.generalized_advantage_estimation` assumes. Values are float32 and exactly 0 where `completion_mask` is 0.
 Prompts must be non-empty. Position ids are those used while sampling (left padding shifted), as in
-`rollout.completion_token_logprobs`.
+`sequence_logprobs.completion_token_logprobs`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from torch import nn
 
 from .logprobs import CompletionLogProbs, _capture_last_hidden_state, last_hidden_state
 from .models import unwrap_causal_lm, unwrap_wrappers
-from .rollout import Rollout, completion_token_logprobs
+from .rollout import Rollout
+from .sequence_logprobs import completion_token_logprobs
 
 VALUE_HEAD_INITS = ("zeros", "normal")
 # The critic is attached to the policy as this submodule (so that the optimizer, DDP and gradient clipping see it) and
@@ -116,7 +117,7 @@ def policy_logprobs_and_values(
     with_stats: bool = False,
     batch_size: int | None = None,
 ) -> tuple[CompletionLogProbs, torch.Tensor]:
-    """The completion log-probs (exactly `rollout.completion_token_logprobs(policy, rollout, temperature=...,
+    """The completion log-probs (exactly `sequence_logprobs.completion_token_logprobs(policy, rollout, temperature=...,
     with_stats=...)`) and the values `[N, C]` (as `token_values`) from ONE forward pass of the policy per
     `batch_size` rows: the log-probs are computed by `completion_token_logprobs` itself while the decoder's output
     (the last hidden state it projects) is captured and read by `value_head`."""

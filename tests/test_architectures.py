@@ -23,7 +23,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from hf_align import logprobs
 from hf_align.logprobs import completion_logprobs
-from hf_align.packing import batch_logprobs, pack_sequences
+from hf_align.packing import pack_sequences
+from hf_align.sequence_logprobs import batch_logprobs
 
 VOCAB_SIZE = 128
 

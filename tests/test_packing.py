@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_align import DataCollatorForPreference, DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SimPOConfig, SimPOTrainer
 from hf_align.logprobs import completion_logprobs
-from hf_align.packing import PackedLayout, batch_logprobs, batch_token_count, pack_sequences
-from hf_align.rollout import Rollout, completion_token_logprobs
+from hf_align.packing import PackedLayout, batch_token_count, pack_sequences
+from hf_align.rollout import Rollout
+from hf_align.sequence_logprobs import batch_logprobs, completion_token_logprobs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MODES = {"sharing": dict(prefix_sharing=True), "padding_free": dict(padding_free=True),

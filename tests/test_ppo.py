@@ -20,7 +20,7 @@ import hf_align.rollout
 from hf_align import losses
 from hf_align.defaults import load_default_dataset
 from hf_align.generation import Completions, encode_prompts
-from hf_align.rollout import completion_token_logprobs
+from hf_align.sequence_logprobs import completion_token_logprobs
 from hf_align.scripts import verifier_accuracy
 from hf_align.trainers.ppo import PPOConfig, PPOTrainer
 from hf_align.value import CRITIC_ATTRIBUTE

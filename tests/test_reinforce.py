@@ -22,6 +22,7 @@ import torch
 
 import hf_align.generation
 import hf_align.rollout
+import hf_align.sequence_logprobs
 from hf_align import losses
 from hf_align.data import pad
 from hf_align.generation import Completions, SamplingConfig, encode_prompts, generate_completions
@@ -258,7 +259,7 @@ def test_reinforce_pp_loss_is_the_clipped_surrogate_averaged_over_tokens(tiny_mo
     trainer = training_trainer(ReinforcePPTrainer(tiny_model_path, length_reward, args=args,
                                                   train_dataset=embedded_data("prompts", 2)))
     rollout = trainer.make_rollout(group_rows(embedded_data("prompts", 2), 3))
-    logps = hf_align.rollout.completion_token_logprobs(trainer.model, rollout).token_logps.detach()
+    logps = hf_align.sequence_logprobs.completion_token_logprobs(trainer.model, rollout).token_logps.detach()
     advantages = torch.zeros_like(rollout.advantages)
     advantages[1] = 2.0  # only row 1 (4 tokens of 15) has an advantage
     for shift, ratio in ((0.1, math.exp(0.1)), (0.5, 1.2)):  # inside the clip range, then clipped at 1 + ε

@@ -12,7 +12,7 @@ from test_reinforce import (LENGTHS, QUIET, group_rows, heldout_space_reward, la
                             length_reward, space_reward, training_trainer, use_fixed_generation)
 
 from hf_align import losses
-from hf_align.rollout import completion_token_logprobs
+from hf_align.sequence_logprobs import completion_token_logprobs
 from hf_align.trainers.remax import ReMaxConfig, ReMaxTrainer
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hf_align import trust_region as tr
-from hf_align.rollout import Rollout, completion_token_logprobs
+from hf_align.rollout import Rollout
+from hf_align.sequence_logprobs import completion_token_logprobs
 
 VOCAB = 32
 

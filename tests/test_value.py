@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from hf_align.models import reference_model, unwrap_causal_lm
-from hf_align.rollout import Rollout, completion_token_logprobs
+from hf_align.rollout import Rollout
+from hf_align.sequence_logprobs import completion_token_logprobs
 from hf_align.value import ValueHead, critic_token_values, policy_logprobs_and_values, token_values
 
 PAD = 0

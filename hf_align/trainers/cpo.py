@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from .. import losses
 from ..config import AlignConfig, PackingArguments
-from ..packing import batch_logprobs, batch_token_count
+from ..packing import batch_token_count
+from ..sequence_logprobs import batch_logprobs
 from ..preference import ReferenceFreePreferenceArguments, ReferenceFreePreferenceTrainer
 
 CPO_CITATION = """@inproceedings{xu2024contrastive,

@@ -36,7 +36,7 @@ import torch
 
 from .. import data, losses
 from ..data import DataError
-from ..logprobs import completion_logprobs
+from ..sequence_logprobs import batch_logprobs
 from ..preference import DataCollatorForPreference
 from .dpo import DPOConfig, DPOTrainer
 
@@ -236,9 +236,9 @@ class DistributionalGDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         preference_loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        candidates = completion_logprobs(
-            model, inputs["belief_input_ids"], inputs["belief_attention_mask"], inputs["belief_completion_mask"]
-        )
+        candidates = batch_logprobs(model, {"input_ids": inputs["belief_input_ids"],
+                                            "attention_mask": inputs["belief_attention_mask"],
+                                            "completion_mask": inputs["belief_completion_mask"]})
         mask = inputs["belief_mask"]
         belief_logps = candidates.sum.new_zeros(mask.shape).masked_scatter(mask, candidates.sum)  # [B, K]
         calibration = losses.belief_calibration_kl(belief_logps, inputs["belief_distribution"], mask)

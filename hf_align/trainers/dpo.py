@@ -20,7 +20,8 @@ from ..config import (
     RouterAuxLossArguments,
 )
 from ..logprobs import CompletionLogProbs
-from ..packing import batch_logprobs, batch_token_count
+from ..packing import batch_token_count
+from ..sequence_logprobs import batch_logprobs
 from ..preference import DataCollatorForPreference
 from ..reference_sync import ReferenceSync, ReferenceSyncArguments
 from ..trainer import AlignTrainer

@@ -13,7 +13,7 @@ from datasets import Dataset, Features, Value
 from trl.data_utils import unpair_preference_dataset
 
 from .. import data, losses, models
-from .. import packing
+from .. import packing, sequence_logprobs
 from ..config import (
     ActivationOffloadingArguments,
     AlignConfig,
@@ -281,15 +281,15 @@ class KTOTrainer(AlignTrainer):
         """The log-probs of the batch's completions (`[B, ...]`) and the summed log-probs `[B]` of its mismatched KL
         completions, without gradient (None when the batch has none). A packed batch scores both in one forward."""
         if "completion_index" in batch:
-            scored = packing.batch_logprobs(model, batch, with_stats=with_stats)
+            scored = sequence_logprobs.batch_logprobs(model, batch, with_stats=with_stats)
             rows = len(batch["label"])
             completions = scored.map_tokens(lambda values: values[:rows])
             return completions, scored.sum[rows:].detach() if len(scored.sum) > rows else None
-        completions = packing.batch_logprobs(model, batch, with_stats=with_stats)
+        completions = sequence_logprobs.batch_logprobs(model, batch, with_stats=with_stats)
         if "KL_input_ids" not in batch:
             return completions, None
         with torch.no_grad():
-            kl = packing.batch_logprobs(model, {key[3:]: value for key, value in batch.items() if key.startswith("KL_")})
+            kl = sequence_logprobs.batch_logprobs(model, {key[3:]: value for key, value in batch.items() if key.startswith("KL_")})
         return completions, kl.sum
 
     def reference_point(self, kl_logps, reference) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import losses
 from ..config import AlignConfig
-from ..logprobs import completion_logprobs
+from ..sequence_logprobs import batch_logprobs
 from ..preference import ReferenceFreePreferenceArguments, ReferenceFreePreferenceTrainer
 
 # The NLL scores every token of the chosen sequences, prompt included: several times the positions DPO or SimPO pass
@@ -62,8 +62,9 @@ class ORPOTrainer(ReferenceFreePreferenceTrainer):
         # One pass scores the whole chosen sequences (for the NLL) and the rejected completions (for their odds).
         chosen_tokens = inputs["attention_mask"].chunk(2)[0]
         rejected_completion = inputs["completion_mask"].chunk(2)[1]
-        policy = completion_logprobs(
-            model, inputs["input_ids"], inputs["attention_mask"], torch.cat([chosen_tokens, rejected_completion]),
+        policy = batch_logprobs(
+            model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                    "completion_mask": torch.cat([chosen_tokens, rejected_completion])},
             chunk_size=HEAD_CHUNK_SIZE, with_stats=True,
         )
         completion_mask = inputs["completion_mask"] * policy.mask

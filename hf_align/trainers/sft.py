@@ -14,7 +14,7 @@ from trl.data_utils import pack_dataset
 
 from .. import data, losses
 from ..config import ActivationOffloadingArguments, AlignConfig, RouterAuxLossArguments, TokenizerArguments
-from ..logprobs import completion_logprobs
+from ..sequence_logprobs import batch_logprobs
 from ..trainer import AlignTrainer
 
 IGNORE_INDEX = -100  # label of a token outside the loss
@@ -147,7 +147,7 @@ class SFTTrainer(AlignTrainer):
     - prompt-completion: `prompt` and `completion`, both strings (eos appended to the completion) or both message lists.
 
     Rows are tokenized exactly as TRL tokenizes them, into `input_ids` and `labels` (-100 where not trained). The
-    loss is the NLL of the trained tokens from the chunked LM head (`logprobs.completion_logprobs`; the `[B, T, V]`
+    loss is the NLL of the trained tokens from the chunked LM head (`sequence_logprobs.batch_logprobs`; the `[B, T, V]`
     logits are never built), normalised like TRL: by the trained-token count of the whole gradient-accumulation step.
     A `formatting_func(row) -> str` turns each row into a language-modeling text first."""
 
@@ -315,9 +315,10 @@ class SFTTrainer(AlignTrainer):
         and scaled by the process count, since DDP averages gradients, as TRL and transformers do."""
         attention_mask = inputs.get("attention_mask")
         with torch.no_grad() if self.compute_loss_func is not None else contextlib.nullcontext():
-            policy = completion_logprobs(
-                model, inputs["input_ids"], attention_mask, inputs["labels"] != IGNORE_INDEX,
-                position_ids=inputs.get("position_ids"), with_stats=True,
+            policy = batch_logprobs(
+                model, {"input_ids": inputs["input_ids"], "attention_mask": attention_mask,
+                        "completion_mask": inputs["labels"] != IGNORE_INDEX, "position_ids": inputs.get("position_ids")},
+                with_stats=True,
             )
         if self.compute_loss_func is not None:
             # TRL's contract: the user's function gets the model's own outputs (full logits) and the labels; the

@@ -28,7 +28,7 @@ from transformers.trainer_utils import TrainOutput
 
 from .. import checkpoints, data, distributed, preference
 from ..generation import SamplingConfig, generate_completions
-from ..packing import batch_logprobs
+from ..sequence_logprobs import batch_logprobs
 from ..preference import DataCollatorForPreference
 from ..trainer import AlignTrainer
 from .dpo import DPOConfig, DPOLoss, DPOTrainer

@@ -22,11 +22,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -462,30 +457,16 @@ with open("output", "w") as _file:
 
 
 def _run_python(code: str, timeout_s: float, memory_mb: int) -> str:
-    """What `code` prints, run in `hf_align.verifiers`' sandbox runner (a fresh `python -I` with its limits and audit
-    hook, in a temporary folder, its process group killed after `timeout_s`)."""
+    """What `code` prints, run in `hf_align.verifiers`' sandbox (`run_sandbox_case`: a fresh `python -I` with its
+    limits and audit hook, in a temporary folder, its process group killed after `timeout_s`)."""
     case = {"code": _CAPTURE.format(code=code, chars=PYTHON_OUTPUT_CHARS), "tests": [], "nonce": "python-tool",
             "memory_bytes": memory_mb * 2**20, "cpu_s": int(timeout_s) + 1, "file_bytes": verifiers._MAX_FILE_BYTES}
-    with tempfile.TemporaryDirectory(prefix="hf_align_python_tool_") as folder:
-        with open(os.path.join(folder, "case.json"), "w") as f:
-            json.dump(case, f)
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-B", verifiers._SANDBOX_RUNNER], cwd=folder, env={"HOME": folder, "TMPDIR": folder},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"the code did not finish within {timeout_s:g} s") from None
-        finally:
-            verifiers._kill_group(process.pid)
-            process.wait()
-        try:
-            with open(os.path.join(folder, "output")) as f:
-                return f.read()
-        except OSError:
-            raise RuntimeError(f"the code was stopped (exit code {process.returncode}), e.g. by its memory or CPU "
-                               "limit") from None
+    returncode, output = verifiers.run_sandbox_case(case, timeout_s, "output")
+    if returncode is None:
+        raise TimeoutError(f"the code did not finish within {timeout_s:g} s")
+    if output is None:
+        raise RuntimeError(f"the code was stopped (exit code {returncode}), e.g. by its memory or CPU limit")
+    return output
 
 
 def python(code: str) -> str:

@@ -225,14 +225,11 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def run_sandboxed(code: str, tests: list[str], timeout_s: float, memory_mb: int) -> tuple[float, str]:
-    """Runs `code` then each test in a fresh `python -I` in a temporary folder (its own session, an empty
-    environment but HOME/TMPDIR pointing at the folder, stdin/stdout/stderr closed off) and returns (the fraction of
-    tests that ran without raising, an outcome for the log). Whatever goes wrong (the code raises, a limit is hit, the
-    wall-time `timeout_s` passes: the whole process group is killed) scores 0.0."""
-    nonce = secrets.token_hex(16)
-    case = {"code": code, "tests": tests, "nonce": nonce, "memory_bytes": memory_mb * 2**20,
-            "cpu_s": math.ceil(timeout_s) + 1, "file_bytes": _MAX_FILE_BYTES}
+def run_sandbox_case(case: dict, timeout_s: float, output_name: str) -> tuple[int | None, str | None]:
+    """Runs the sandbox runner on `case` (what `sandbox_runner.py` reads from `case.json`) in a fresh `python -I` in
+    a temporary folder (its own session, an empty environment but HOME/TMPDIR pointing at the folder,
+    stdin/stdout/stderr closed off), its whole process group killed when it ends or the wall-time `timeout_s` passes.
+    Returns (its exit code, None on a timeout; the first 64 KB of the file `output_name` it wrote, None if none)."""
     with tempfile.TemporaryDirectory(prefix="hf_align_sandbox_") as folder:
         with open(os.path.join(folder, "case.json"), "w") as f:
             json.dump(case, f)
@@ -243,17 +240,32 @@ def run_sandboxed(code: str, tests: list[str], timeout_s: float, memory_mb: int)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(process.pid)
+            return None, None
+        finally:
+            _kill_group(process.pid)  # nothing may outlive the case; on a timeout, the whole group is stopped
             process.wait()
-            return 0.0, "timeout"
-        _kill_group(process.pid)  # nothing should be left of the group; make sure of it
-        if process.returncode != 0:
-            return 0.0, f"exit code {process.returncode}"
         try:
-            with open(os.path.join(folder, "result")) as f:
-                words = f.read(200).split()
+            with open(os.path.join(folder, output_name)) as f:
+                return process.returncode, f.read(2**16)
         except OSError:
-            return 0.0, "no result"
+            return process.returncode, None
+
+
+def run_sandboxed(code: str, tests: list[str], timeout_s: float, memory_mb: int) -> tuple[float, str]:
+    """Runs `code` then each test in the sandbox (`run_sandbox_case`) and returns (the fraction of tests that ran
+    without raising, an outcome for the log). Whatever goes wrong (the code raises, a limit is hit, the wall-time
+    `timeout_s` passes) scores 0.0."""
+    nonce = secrets.token_hex(16)
+    case = {"code": code, "tests": tests, "nonce": nonce, "memory_bytes": memory_mb * 2**20,
+            "cpu_s": math.ceil(timeout_s) + 1, "file_bytes": _MAX_FILE_BYTES}
+    returncode, result = run_sandbox_case(case, timeout_s, "result")
+    if returncode is None:
+        return 0.0, "timeout"
+    if returncode != 0:
+        return 0.0, f"exit code {returncode}"
+    if result is None:
+        return 0.0, "no result"
+    words = result[:200].split()
     if len(words) == 3 and words[0] == nonce and words[1] == "error":
         return 0.0, f"raised {words[2]}"
     if len(words) == 4 and words[0] == nonce and words[1] == "passed" and words[3] == str(len(tests)):

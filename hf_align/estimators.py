@@ -23,6 +23,7 @@ summed k1 KL `log π_old - log π_ref` (`Estimate.sequence_kl`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,8 +149,7 @@ def leave_one_out(inputs: EstimatorInputs, beta: float = 0.0, normalize: bool = 
     rewards = inputs.rewards
     if reward_clip_range:
         rewards = rewards.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
-    rewards, sequence_kl, metrics = _kl_in_reward(
-        EstimatorInputs(**{**inputs.__dict__, "rewards": rewards}), beta)
+    rewards, sequence_kl, metrics = _kl_in_reward(dataclasses.replace(inputs, rewards=rewards), beta)
     return Estimate(losses.leave_one_out_advantages(rewards, inputs.group_size, normalize=normalize),
                     zero_std=losses.reward_std_is_zero(rewards, inputs.group_size), sequence_kl=sequence_kl,
                     metrics=metrics)

@@ -2,8 +2,11 @@
 online trainers).
 
 `generate_completions` renders the prompts as TRL does (a string goes through the tokenizer; a message list through
-the chat template with the generation prompt), left-pads them into batches, and runs Hugging Face `generate` with
-the KV cache on the model inside any DDP / compile wrapper (a peft model generates with its adapter active), or
+the chat template with the generation prompt), left-pads them into batches, and samples them on the model inside any
+DDP / compile wrapper (a peft model generates with its adapter active): through a decode loop that draws the tokens
+`generate` draws (the same logits processors and random stream) but runs each distinct prompt of a batch through the
+model once for all its copies (a group's G samples share its KV cache) and drops finished rows from the batch, or,
+where that loop does not apply (`_decode_loop_config` says when), through Hugging Face `generate`; or through
 transformers' continuous batching (`generate_batch`, a paged KV cache filled with every prompt at once) with
 `continuous_batching=True`. The model is in eval mode while it generates and back in its previous mode afterwards.
 Each completion is cut after its first stop token (the tokenizer's eos and every `eos_token_id` of the model's
@@ -224,15 +227,120 @@ def _cut_after_stop(generated, stop_ids: torch.Tensor) -> list[torch.Tensor]:
 
 def _generate_in_batches(generator, rows: list[list[int]], config: GenerationConfig, sampling: SamplingConfig,
                          pad_token_id: int, device) -> list[torch.Tensor]:
-    """`generate` on `sampling.batch_size` left-padded rows at a time; the generated tokens of each row."""
+    """`sampling.batch_size` left-padded rows at a time through `_decode_sharing_prompts` where it applies, else
+    `generate`; the generated tokens of each row."""
+    decode_config = _decode_loop_config(generator, config, device)
     generated = []
     starts = range(0, len(rows), sampling.batch_size)
     for start in tqdm(starts, desc="Generating", disable=not sampling.progress or len(starts) < 2):
         input_ids, attention_mask = _left_pad(rows[start : start + sampling.batch_size], pad_token_id, device,
                                               sampling.pad_to_multiple_of)
-        output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        generated.extend(output[:, input_ids.size(1) :].cpu())
+        if decode_config is None:
+            output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            generated.extend(output[:, input_ids.size(1) :].cpu())
+        else:
+            generated.extend(_decode_sharing_prompts(models.unwrap_causal_lm(generator), input_ids, attention_mask,
+                                                     decode_config))
     return generated
+
+
+# Logits processors that read only their own row (its scores and tokens so far) and keep no state between steps:
+# with these, dropping finished rows from the batch changes no other row's scores.
+ROW_WISE_PROCESSORS = (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+    "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor", "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor", "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor",
+    "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor",
+    "LogitNormalization",
+)
+
+
+def _decode_loop_config(generator, config: GenerationConfig, device) -> GenerationConfig | None:
+    """`config` as `generate` completes it (the model's generation defaults, the special-token tensors) when
+    `_decode_sharing_prompts` samples exactly what `generate` would, else None (then `generate` samples).
+
+    It does for a decoder-only model under no prompt-learning peft adapter (whose virtual tokens only the peft
+    wrapper adds), sampling or greedy decoding, a plain `DynamicCache` (sliding-window, linear-attention, static,
+    quantized and offloaded caches keep other state than per-row keys and values, so rows cannot be copied or
+    dropped by indexing them), no chunked prefill, stop strings or time limit, and `ROW_WISE_PROCESSORS` only."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.generation.configuration_utils import GenerationMode
+
+    lm = models.unwrap_causal_lm(generator)
+    prompt_learning = getattr(getattr(generator, "active_peft_config", None), "is_prompt_learning", False)
+    if lm.config.is_encoder_decoder or prompt_learning:
+        return None
+    config, _ = lm._prepare_generation_config(config)
+    if (config.get_generation_mode() not in (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
+            or config.cache_implementation not in (None, "dynamic") or config.max_new_tokens is None
+            or any(getattr(config, name) is not None for name in ("prefill_chunk_size", "stop_strings", "max_time"))):
+        return None
+    cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    lm._prepare_special_tokens(config, True, device=device)
+    processors = lm._get_logits_processor(generation_config=config, input_ids_seq_length=1, device=device,
+                                          encoder_input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    if any(type(processor).__name__ not in ROW_WISE_PROCESSORS for processor in processors):
+        return None
+    return config
+
+
+def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            config: GenerationConfig) -> list[torch.Tensor]:
+    """The generated tokens of each left-padded row, sampled as `generate` samples them (the same logits processors
+    and the same random draws, so the same tokens under the same seed), with less model work: identical prompts in
+    the batch (a group's G copies) run through the model once and their KV cache is copied to each copy, and a row
+    leaves the decode batch once it emitted a stop token. Finished rows are padded as `generate` pads them."""
+    from transformers import DynamicCache
+
+    batch_size, width = input_ids.shape
+    prompts, row_prompt = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+    prompt_mask = prompts[:, width:]
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    # `generate` drops an all-ones mask (no padding) before the model sees it
+    mask = None if bool(attention_mask.all()) else attention_mask
+    cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+    output = lm(input_ids=prompts[:, :width], attention_mask=None if mask is None else prompt_mask,
+                position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    logits = output.logits[:, -1].float()[row_prompt]
+    cache.batch_select_indices(row_prompt)
+    next_positions = positions[row_prompt, -1] + 1
+    processors = lm._get_logits_processor(generation_config=config, input_ids_seq_length=width,
+                                          encoder_input_ids=input_ids, device=input_ids.device)
+    sequences, running = input_ids, torch.arange(batch_size, device=input_ids.device)
+    for step in range(config.max_new_tokens):
+        tokens = _next_tokens(processors(sequences[running], logits), running, batch_size, config.do_sample)
+        column = config._pad_token_tensor.expand(batch_size).clone()
+        column[running] = tokens
+        sequences = torch.cat([sequences, column[:, None]], 1)
+        unfinished = ~torch.isin(tokens, config._eos_token_tensor)
+        if step + 1 == config.max_new_tokens or not unfinished.any():
+            break
+        if not unfinished.all():
+            running, tokens, next_positions = running[unfinished], tokens[unfinished], next_positions[unfinished]
+            cache.batch_select_indices(unfinished.nonzero().squeeze(1))
+            mask = None if mask is None else mask[unfinished]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+        output = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions[:, None], cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        logits = output.logits[:, -1].float()
+        next_positions = next_positions + 1
+    return list(sequences[:, width:].cpu())
+
+
+def _next_tokens(scores: torch.Tensor, running: torch.Tensor, batch_size: int, do_sample: bool) -> torch.Tensor:
+    """The next token of each running row from its processed `scores`: the argmax, or a sample drawn as
+    `torch.multinomial(softmax(scores), 1)` draws it for the whole batch of `batch_size` rows (exponential noise for
+    every row, finished ones included, then argmax of probability / noise), so that the random stream and every
+    running row's token are the ones `generate` gets with the finished rows still in its batch."""
+    if not do_sample:
+        return scores.argmax(-1)
+    noise = torch.empty((batch_size, scores.size(-1)), dtype=scores.dtype, device=scores.device).exponential_(1)
+    return (scores.softmax(-1) / noise[running]).argmax(-1)
 
 
 def _generate_continuously(generator, rows: list[list[int]], config: GenerationConfig,

@@ -1,0 +1,98 @@
+"""hf_align.generation's decode loop (`_decode_sharing_prompts`: each prompt prefilled once for its group, finished
+rows dropped from the batch) against Hugging Face `generate` (the plain path): the same completions under the same
+seed, with every sampling filter, groups, ragged prompts and batches that split a group; the prompt runs through the
+model once per distinct prompt; peft models; and the cases that fall back to `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hf_align import generation
+from hf_align.generation import SamplingConfig, generate_completions
+
+# Ragged lengths; the first prompt twice, so identical prompts arrive from different places of the batch too.
+PROMPTS = [
+    "Question: Can you explain why the sky is blue on a clear summer day?\nAnswer:",
+    "Question: Hi?\nAnswer:",
+    "Question: How do I bake bread?\nAnswer:",
+    "Question: Can you explain why the sky is blue on a clear summer day?\nAnswer:",
+]
+FILTERS = dict(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.3)
+
+
+@pytest.fixture
+def stopping_model(tiny_model, tiny_tokenizer):
+    """The tiny model with its four most often sampled tokens added as stop tokens, so that completions end at many
+    different lengths (the tiny model rarely samples eos) and finished rows leave the decode batch."""
+    sampled = _sample(tiny_model, tiny_tokenizer, fast=False, num_generations=4, max_new_tokens=24, seed=0)
+    common = torch.bincount(sampled.completion_ids.flatten()).topk(4).indices.tolist()
+    tiny_model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, *common]
+    return tiny_model
+
+
+def _sample(model, tokenizer, *, fast: bool, prompts=PROMPTS, **settings):
+    """`generate_completions` through the decode loop (`fast`) or through `generate` alone."""
+    if fast:
+        return generate_completions(model, tokenizer, prompts, SamplingConfig(**settings))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "_decode_loop_config", lambda *args: None)
+        return generate_completions(model, tokenizer, prompts, SamplingConfig(**settings))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_generations=4),
+    dict(num_generations=3, **FILTERS),
+    dict(num_generations=2, temperature=0),
+    # batches of 6 rows split groups of 4; left padding to a multiple of 8
+    dict(num_generations=4, batch_size=6, pad_to_multiple_of=8),
+    dict(num_generations=3, generation_kwargs={"no_repeat_ngram_size": 2, "min_new_tokens": 3}),
+], ids=["temperature-1", "filters", "greedy", "split-groups-padded", "generation-kwargs"])
+def test_decode_loop_gives_generates_completions(stopping_model, tiny_tokenizer, settings):
+    plain = _sample(stopping_model, tiny_tokenizer, fast=False, max_new_tokens=24, seed=7, **settings)
+    fast = _sample(stopping_model, tiny_tokenizer, fast=True, max_new_tokens=24, seed=7, **settings)
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert fast.texts == plain.texts
+    if settings.get("temperature") != 0:  # rows finished early, at different steps, while others ran on
+        assert plain.lengths.min() < plain.lengths.max() == 24
+
+
+def test_each_distinct_prompt_is_prefilled_once(stopping_model, tiny_tokenizer):
+    batch_sizes = []
+    hook = stopping_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        generate_completions(stopping_model, tiny_tokenizer, PROMPTS, SamplingConfig(num_generations=4, seed=0))
+    finally:
+        hook.remove()
+    width = max(len(ids) for ids in tiny_tokenizer(PROMPTS)["input_ids"])
+    assert batch_sizes[0] == (3, width)  # 16 rows, three distinct prompts
+    assert all(rows <= 16 and length == 1 for rows, length in batch_sizes[1:])
+    assert batch_sizes[-1][0] < 16  # finished rows left the batch
+
+
+def test_peft_model_samples_as_generate_does(tiny_model, tiny_tokenizer):
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    plain = _sample(model, tiny_tokenizer, fast=False, num_generations=3, max_new_tokens=12, seed=1)
+    fast = _sample(model, tiny_tokenizer, fast=True, num_generations=3, max_new_tokens=12, seed=1)
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+
+
+def test_sliding_window_model_and_static_cache_fall_back_to_generate(tiny_model, tiny_tokenizer):
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    config = GenerationConfig(max_new_tokens=4, do_sample=True, eos_token_id=[0], pad_token_id=0)
+    assert generation._decode_loop_config(tiny_model, config, torch.device("cpu")) is not None
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=4))
+    assert generation._decode_loop_config(sliding, config, torch.device("cpu")) is None
+    static = GenerationConfig(**{**config.to_diff_dict(), "cache_implementation": "static"})
+    assert generation._decode_loop_config(tiny_model, static, torch.device("cpu")) is None
+    # a guided (classifier-free guidance) processor reads another forward pass, not only its row
+    guided = GenerationConfig(**{**config.to_diff_dict(), "guidance_scale": 1.5})
+    assert generation._decode_loop_config(tiny_model, guided, torch.device("cpu")) is None
+    sampled = generate_completions(tiny_model, tiny_tokenizer, PROMPTS[:2],
+                                   SamplingConfig(max_new_tokens=4, cache_implementation="static", seed=0))
+    assert sampled.completion_ids.shape[0] == 2

@@ -62,6 +62,16 @@ def benchmark_dataset(prompt_tokens: int, rows: int, name: str = "preference"):
     return Dataset.from_list([{**row, "prompt": context + row["prompt"]} for row in base])
 
 
+def lengthened_prompts(tokenizer, prompts: list[str], tokens: int) -> list[str]:
+    """Each prompt behind the same instruction preamble, repeated until the prompt holds about `tokens` tokens (the
+    instructions RLVR prompts carry); prompts already that long are left as they are."""
+    preamble = ("Instructions: read the question carefully, compare the options one by one, check your reasoning "
+                "twice, and answer with the exact value only. ")
+    per_preamble = len(tokenizer(preamble, add_special_tokens=False).input_ids)
+    return [preamble * max(0, (tokens - len(tokenizer(prompt, add_special_tokens=False).input_ids)) // per_preamble)
+            + prompt for prompt in prompts]
+
+
 PAIRWISE_CHILD_FLAGS = ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")
 
 
@@ -142,10 +152,11 @@ def time_training(trainer, warmup: int, steps: int) -> dict:
     }
 
 
-def run_alternating(script: str, flag: str, contenders, child_args: list[str], rounds: int) -> dict[str, dict]:
+def run_alternating(script: str, flag: str, contenders, child_args: list[str], rounds: int,
+                    keys: tuple[str, ...] = ("tokens_per_s", "peak_rss_mb")) -> dict[str, dict]:
     """Runs `python script --{flag}=<contender> *child_args` for each contender in turn, `rounds` times; each child
-    prints one `RESULT <json>` line. Returns each contender's median `tokens_per_s` and `peak_rss_mb` (and, from its
-    last run, any other fields)."""
+    prints one `RESULT <json>` line. Returns each contender's median of each of `keys` (and, from its last run, any
+    other fields)."""
     results = {name: [] for name in contenders}
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     for round_index in range(rounds):
@@ -157,12 +168,10 @@ def run_alternating(script: str, flag: str, contenders, child_args: list[str], r
                 sys.exit(f"{name} run failed:\n{out.stderr[-4000:]}")
             result = json.loads(lines[-1][len("RESULT "):])
             results[name].append(result)
-            print(f"round {round_index + 1} {name:8s} {result['tokens_per_s']:9.0f} tokens/s "
-                  f"{result['peak_rss_mb']:8.0f} MB peak RSS", flush=True)
-    return {
-        name: {**runs[-1], **{key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "peak_rss_mb")}}
-        for name, runs in results.items()
-    }
+            print(f"round {round_index + 1} {name:8s} " + " ".join(f"{key} {result[key]:.5g}" for key in keys),
+                  flush=True)
+    return {name: {**runs[-1], **{key: statistics.median(r[key] for r in runs) for key in keys}}
+            for name, runs in results.items()}
 
 
 def report_child(result: dict) -> None:

@@ -63,13 +63,13 @@ def benchmark_dataset(prompt_tokens: int, rows: int, name: str = "preference"):
 
 
 def lengthened_prompts(tokenizer, prompts: list[str], tokens: int) -> list[str]:
-    """Each prompt behind the same instruction preamble, repeated until the prompt holds about `tokens` tokens (the
-    instructions RLVR prompts carry); prompts already that long are left as they are."""
+    """Each prompt behind the same instruction preamble (the instructions RLVR prompts carry), cut to the tokens that
+    bring the prompt to about `tokens` tokens; prompts already that long are left as they are."""
     preamble = ("Instructions: read the question carefully, compare the options one by one, check your reasoning "
-                "twice, and answer with the exact value only. ")
-    per_preamble = len(tokenizer(preamble, add_special_tokens=False).input_ids)
-    return [preamble * max(0, (tokens - len(tokenizer(prompt, add_special_tokens=False).input_ids)) // per_preamble)
-            + prompt for prompt in prompts]
+                "twice, and answer with the exact value only. ") * (tokens // 8 + 1)
+    preamble_ids = tokenizer(preamble, add_special_tokens=False).input_ids
+    return [tokenizer.decode(preamble_ids[: max(0, tokens - len(tokenizer(prompt).input_ids))]) + prompt
+            for prompt in prompts]
 
 
 PAIRWISE_CHILD_FLAGS = ("steps", "warmup", "batch_size", "prompt_tokens", "max_length", "threads")

@@ -281,6 +281,8 @@ def _decode_loop_config(generator, config: GenerationConfig, device) -> Generati
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     lm._prepare_special_tokens(config, True, device=device)
+    if config._eos_token_tensor is None:  # no stop token for the loop to test (`generate` runs every row out)
+        return None
     processors = lm._get_logits_processor(generation_config=config, input_ids_seq_length=1, device=device,
                                           encoder_input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     if any(type(processor).__name__ not in ROW_WISE_PROCESSORS for processor in processors):

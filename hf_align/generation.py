@@ -280,6 +280,8 @@ def _decode_loop_config(generator, config: GenerationConfig, device) -> Generati
     cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
+    if config.min_p == 0:  # filters nothing; its warper would still cost a softmax and a top-k per step
+        config.min_p = None
     lm._prepare_special_tokens(config, True, device=device)
     if config._eos_token_tensor is None:  # no stop token for the loop to test (`generate` runs every row out)
         return None

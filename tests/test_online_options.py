@@ -112,13 +112,18 @@ def test_json_strings_and_logging_fields(tmp_path):
         GRPOConfig(output_dir=str(tmp_path), log_completions_hub_repo="me/logs", **QUIET)
 
 
-def test_tool_calling_arguments_raise_until_hf_align_runs_them(tmp_path, tiny_model_path):
+def test_tool_calling_arguments_are_checked_before_training(tmp_path, tiny_model_path):
+    """TRL's multi-turn arguments: what cannot work is an error when the trainer is built (runs: test_grpo_tools)."""
     args = GRPOConfig(**_settings(tmp_path, max_tool_calling_iterations=3))
     assert args.max_tool_calling_iterations == 3  # accepted without tools, as TRL accepts it
-    for name, value in (("tools", [length_reward]), ("rollout_func", lambda *a: None),
-                        ("environment_factory", object)):
-        with pytest.raises(NotImplementedError, match=f"got {name}: hf_align does not run tool-calling"):
-            GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=_prompts(), **{name: value})
+    # The embedded tiny model's ChatML template renders no tool calls.
+    with pytest.raises(ValueError, match="renders a full tool-calling conversation"):
+        GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=_prompts(), tools=[length_reward])
+    with pytest.raises(ValueError, match="must define a callable `reset`"):
+        GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=_prompts(), environment_factory=object)
+    with pytest.raises(ValueError, match="rollout_func samples the completions itself"):
+        GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=_prompts(), tools=[length_reward],
+                    rollout_func=lambda prompts, trainer: {})
     parameters = list(inspect.signature(GRPOTrainer.__init__).parameters)
     assert parameters[-4:] == ["peft_config", "tools", "rollout_func", "environment_factory"]
     # TRL's RLOOTrainer takes none of them, and neither does hf_align's.

@@ -1,20 +1,26 @@
 """The embedded tool-calling task: two-digit multiplication ("What is 37 * 46?") that the tiny model cannot compute,
-but can answer by calling a `calculator` tool and copying its result.
+but can answer by calling the `calculate` tool of its `CalculatorEnvironment` and copying the result.
+
+The task is shaped so that the tiny model learns to use the tool in about a minute: the call takes no arguments
+(one fixed token sequence, nothing copied from the question), the tool returns the bare product, the answer is the
+bare product, and every product is `PRODUCT_TOKENS` tokens (so copying it is one fixed-offset rule).
 
 - `task_tokenizer(path)`: the tiny model's tokenizer with a tool-capable ChatML template (`TOOL_CHAT_TEMPLATE`:
   the tools listed in a system turn, Hermes/Qwen-style `<tool_call>{json}</tool_call>` calls, `tool` turns) and
   the response template that parses those calls (TRL's Qwen one). The model and its cached tokenizer are unchanged.
-- `calculator(expression)`: the tool. `load_prompts(split)`: "train" / "test" prompts (message lists) with their
-  `answer`, generated deterministically, never overlapping. `answer_reward`: 1.0 when the final assistant turn's
+- `CalculatorEnvironment`: the `environment_factory` of `GRPOTrainer`. `calculator(expression)`: a standalone
+  calculator tool for users (`tools=[calculator]`). `load_prompts(split)`: "train" / "test" rows (`prompt`,
+  `answer`, `a`, `b`), deterministic, no operand pair in both. `answer_reward`: 1.0 when the final assistant turn's
   answer is right.
-- `sft_dataset()`: warm-start conversations: half of the questions offered the tool answer through it, the others
-  (and those asked without the tool) answer directly. `warm_start(output_dir)` fine-tunes the tiny model on them.
-- `accuracy(model, tokenizer, split)`: the mean `answer_reward` of sampled episodes, with or without the tool.
+- `sft_dataset(...)`, `warm_start(output_dir)`: the warm start (`WARM_START_STAGES`).
+- `accuracy(model, tokenizer, split)`: held-out accuracy and call frequency of sampled episodes, with or without
+  the tool.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import operator
 import os
@@ -28,7 +34,7 @@ from .generation import SamplingConfig
 from .tools import sample_episodes
 from .verifiers import exact_match_reward
 
-__all__ = ["TOOL_CHAT_TEMPLATE", "accuracy", "answer_reward", "calculator", "load_prompts", "sft_dataset",
+__all__ = ["TOOL_CHAT_TEMPLATE", "CalculatorEnvironment", "accuracy", "answer_reward", "calculator", "load_prompts", "sft_dataset",
            "task_tokenizer", "warm_start"]
 
 # ChatML with tools: a system turn lists each tool as `name(parameters)` (short: the tiny model reads it), an
@@ -63,11 +69,21 @@ TOOL_CHAT_TEMPLATE = (
 ) + defaults.CHAT_TEMPLATE[defaults.CHAT_TEMPLATE.index("{%- else %}"):]  # other turns as in the default ChatML
 
 SEED = 4321
-N_TRAIN = 400
 N_TEST = 50
-N_SFT = 2000  # warm-start conversations: the training questions and further ones, never a test question
-TOOL_USE_FRACTION = 0.5  # of the warm-start questions offered the tool, those answered through it
+N_TRAIN = 400
+N_SFT = 1200  # warm-start conversations: the training questions and further ones, never a test question's pair
+TOOL_USE_FRACTION = 0.4  # of the warm-start questions offered the tool, those answered through it
 NO_TOOL_FRACTION = 0.25  # of the warm-start questions, those asked without the tool
+MAX_COMPLETION_LENGTH = 72  # the call (52 tokens), the tool's result and the answer
+PRODUCT_TOKENS = 3
+# Two warm-start stages (`sft_dataset` fractions, `SFTConfig` fields). Copying the tool's result is learned only when
+# most answers are copies: with the guesses mixed in from the start it is not learned in minutes. So every question
+# first calls the tool; then a short mixed stage at a low learning rate teaches guessing (and answering without the
+# tool) and brings the call rate down while the copy survives, leaving GRPO the calls to reward.
+WARM_START_STAGES = (
+    (dict(tool_use_fraction=1.0, no_tool_fraction=0.0), dict(num_train_epochs=5, learning_rate=3e-3)),
+    (dict(), dict(num_train_epochs=1, learning_rate=5e-4)),
+)  # every product is this many tokens after a newline: copying it is one fixed-offset rule
 
 
 def task_tokenizer(path: str | None = None):
@@ -114,14 +130,45 @@ def calculator(expression: str) -> str:
     return f"{expression} = {int(value) if float(value).is_integer() else f'{value:.6g}'}"
 
 
+# ----------------------------------------------------------------------------------------------------- environment
+
+
+class CalculatorEnvironment:
+    """The task's environment (TRL's `environment_factory` contract): `reset` keeps the row's two numbers, and its one
+    tool, `calculate()`, returns their product. The call takes no arguments, so the model learns it as one fixed token
+    sequence instead of copying the numbers from the question into JSON."""
+
+    def reset(self, a: int, b: int, **row) -> None:
+        self.a, self.b = a, b
+
+    def calculate(self) -> str:
+        """Returns the answer to the question."""
+        return str(self.a * self.b)
+
+
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-def _questions() -> list[tuple[int, int]]:
-    """Distinct operand pairs (10-99) in a seeded order: the test questions (`N_TEST`), then the training ones
-    (`N_TRAIN`), then the warm start's further ones (up to `N_SFT` with the training ones)."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    return random.Random(SEED).sample(pairs, N_TEST + max(N_TRAIN, N_SFT))
+@functools.cache
+def _pairs() -> tuple[tuple[int, int], ...]:
+    """The task's operand pairs (a <= b) in a seeded order: two-digit numbers but the multiples of 10 (whose products
+    need no tool: append a 0) whose product is `PRODUCT_TOKENS` tokens after a newline, as it is both in the tool's
+    result and in the answer."""
+    tokenizer = task_tokenizer()
+    pairs = [(a, b) for a in range(11, 100) for b in range(a, 100) if a % 10 and b % 10
+             and len(tokenizer.tokenize(f"\n{a * b}")) == PRODUCT_TOKENS + 1]
+    return tuple(random.Random(SEED).sample(pairs, len(pairs)))
+
+
+def _questions(split: str) -> list[tuple[int, int]]:
+    """The (a, b) questions of `split`: "test" (`N_TEST`), "train" (`N_TRAIN`) or "sft" (`N_SFT`: the training ones
+    and further ones). Each pair is asked in one seeded order; the test pairs are asked in no other split in either
+    order, so a training question never gives a test answer away."""
+    pairs = _pairs()
+    chosen = {"test": pairs[:N_TEST], "train": pairs[N_TEST : N_TEST + N_TRAIN],
+              "sft": pairs[N_TEST : N_TEST + N_SFT]}[split]
+    rng = random.Random(f"{SEED}-{split}")
+    return [(a, b) if rng.random() < 0.5 else (b, a) for a, b in chosen]
 
 
 def _prompt(a: int, b: int) -> list[dict]:
@@ -129,40 +176,36 @@ def _prompt(a: int, b: int) -> list[dict]:
 
 
 def load_prompts(split: str = "train"):
-    """The task's prompts (`prompt`: one user message, `answer`: the product as a string) of `split`, a `Dataset`."""
+    """The task's rows of `split` ("train" / "test"), a `Dataset`: `prompt` (one user message), `answer` (the product
+    as a string) and the numbers `a`, `b` (what `CalculatorEnvironment.reset` keeps)."""
     from datasets import Dataset
 
     if split not in ("train", "test"):
         raise ValueError(f"Unknown split {split!r}; valid splits: train, test.")
-    pairs = _questions()
-    pairs = pairs[N_TEST : N_TEST + N_TRAIN] if split == "train" else pairs[:N_TEST]
-    return Dataset.from_list([{"prompt": _prompt(a, b), "answer": str(a * b)} for a, b in pairs])
+    return Dataset.from_list([{"prompt": _prompt(a, b), "answer": str(a * b), "a": a, "b": b}
+                              for a, b in _questions(split)])
 
 
-def _final_answer(a: int, b: int) -> dict:
-    """The equation with its value, as the calculator returns it: after a tool call the model repeats the tool's
-    result token for token (copying what followed the same tokens before, which the tiny model learns)."""
-    return {"role": "assistant", "content": f"{a} * {b} = {a * b}"}
-
-
-def sft_dataset():
-    """`N_SFT` warm-start conversations (`messages`, `tools` as JSON or None), none on a test question: a
-    `NO_TOOL_FRACTION` asked without the tool answer directly; of the others, a `TOOL_USE_FRACTION` call the
-    calculator and copy its result, the rest answer directly (right answers the model cannot compute: it guesses)."""
+def sft_dataset(tool_use_fraction: float = TOOL_USE_FRACTION, no_tool_fraction: float = NO_TOOL_FRACTION):
+    """`N_SFT` warm-start conversations (`messages`, `tools` as JSON or None), none on a test pair: a
+    `no_tool_fraction` asked without the tool answer directly; of the others, a `tool_use_fraction` call `calculate`
+    and answer with its result, the rest answer directly (right answers the model cannot compute: it learns to guess,
+    which leaves GRPO the calls to reward)."""
     from datasets import Dataset
 
     rng = random.Random(SEED + 1)
-    schema = json.dumps([get_json_schema(calculator)])
+    schema = json.dumps([get_json_schema(CalculatorEnvironment().calculate)])
     rows = []
-    for a, b in _questions()[N_TEST : N_TEST + N_SFT]:
-        if rng.random() < NO_TOOL_FRACTION:
-            rows.append({"messages": _prompt(a, b) + [_final_answer(a, b)], "tools": None})
+    for a, b in _questions("sft"):
+        answer = {"role": "assistant", "content": str(a * b)}
+        if rng.random() < no_tool_fraction:
+            rows.append({"messages": _prompt(a, b) + [answer], "tools": None})
             continue
-        turns = [_final_answer(a, b)]
-        if rng.random() < TOOL_USE_FRACTION:
-            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}}
+        turns = [answer]
+        if rng.random() < tool_use_fraction:
+            call = {"type": "function", "function": {"name": "calculate", "arguments": {}}}
             turns = [{"role": "assistant", "content": "", "tool_calls": [call]},
-                     {"role": "tool", "name": "calculator", "content": calculator(f"{a} * {b}")}] + turns
+                     {"role": "tool", "name": "calculate", "content": str(a * b)}] + turns
         rows.append({"messages": _prompt(a, b) + turns, "tools": schema})
     return Dataset.from_list(rows)
 
@@ -186,34 +229,41 @@ def answer_reward(completions, answer, **kwargs) -> list[float | None]:
 
 
 def warm_start(output_dir: str, **config) -> str:
-    """The embedded tiny model fine-tuned on `sft_dataset()` (assistant tokens only), saved with the task's tokenizer
-    to `output_dir` once and reused. `config`: `SFTConfig` fields over the defaults here. Returns `output_dir`."""
+    """The embedded tiny model fine-tuned on the task (assistant tokens only) in `WARM_START_STAGES`, saved with the
+    task's tokenizer to `output_dir` once and reused. `config`: `SFTConfig` fields over those of every stage. Returns
+    `output_dir`."""
     from .trainers.sft import SFTConfig, SFTTrainer
 
     if os.path.isfile(os.path.join(output_dir, "model.safetensors")):
         return output_dir
-    settings = dict(learning_rate=3e-3, num_train_epochs=20, lr_scheduler_type="constant",
-                    per_device_train_batch_size=16, assistant_only_loss=True, logging_steps=50, save_strategy="no",
-                    report_to="none", seed=0)
-    args = SFTConfig(output_dir=output_dir, **{**settings, **config})
-    trainer = SFTTrainer(defaults.DEFAULT_MODEL_NAME, args=args, train_dataset=sft_dataset(),
-                         processing_class=task_tokenizer())
-    trainer.train()
+    model = defaults.DEFAULT_MODEL_NAME
+    for stage, (fractions, settings) in enumerate(WARM_START_STAGES):
+        settings = dict(lr_scheduler_type="constant", per_device_train_batch_size=16, assistant_only_loss=True,
+                        logging_steps=50, save_strategy="no", report_to="none", seed=stage, **settings)
+        trainer = SFTTrainer(model, args=SFTConfig(output_dir=output_dir, **{**settings, **config}),
+                             train_dataset=sft_dataset(**fractions), processing_class=task_tokenizer())
+        trainer.train()
+        model = trainer.model
     trainer.save_model(output_dir)
     trainer.processing_class.save_pretrained(output_dir)
     return output_dir
 
 
 def accuracy(model, tokenizer, split: str = "test", *, use_tools: bool = True, samples_per_prompt: int = 4,
-             temperature: float = 1.0, max_completion_length: int = 128, seed: int = 0) -> float:
-    """The mean `answer_reward` of `samples_per_prompt` episodes per prompt of `split` (`sample_episodes`, one tool
-    round), reproducibly from `seed`; `use_tools=False` offers no tool (the prompt lists none)."""
-    dataset = load_prompts(split)
-    prompts = [prompt for prompt in dataset["prompt"] for _ in range(samples_per_prompt)]
-    answers = [answer for answer in dataset["answer"] for _ in range(samples_per_prompt)]
+             temperature: float = 1.0, max_completion_length: int = MAX_COMPLETION_LENGTH, seed: int = 0) -> dict:
+    """Held-out accuracy: `accuracy` is the mean `answer_reward` of `samples_per_prompt` episodes per prompt of `split`
+    (`sample_episodes`, one tool round, a `CalculatorEnvironment` per episode), reproducibly from `seed`, and
+    `call_frequency` the tool calls per episode; `use_tools=False` offers no tool (the prompt lists none)."""
+    rows = [row for row in load_prompts(split) for _ in range(samples_per_prompt)]
+    environments = None
+    if use_tools:
+        environments = [CalculatorEnvironment() for _ in rows]
+        for environment, row in zip(environments, rows):
+            environment.reset(**row)
     sampling = SamplingConfig(max_new_tokens=max_completion_length, temperature=temperature, batch_size=256,
                               seed=seed)
-    episodes = sample_episodes(model, tokenizer, prompts, sampling, tools=[calculator] if use_tools else [],
-                               max_iterations=1, max_completion_length=max_completion_length)
-    scores = answer_reward(episodes.completions, answers)
-    return sum(scores) / len(scores)
+    episodes = sample_episodes(model, tokenizer, [row["prompt"] for row in rows], sampling,
+                               environments=environments, max_iterations=1,
+                               max_completion_length=max_completion_length)
+    scores = answer_reward(episodes.completions, [row["answer"] for row in rows])
+    return {"accuracy": sum(scores) / len(scores), "call_frequency": episodes.tool_calls / len(rows)}

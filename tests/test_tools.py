@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -362,13 +363,45 @@ def test_calculator_and_answer_reward():
     assert tool_task.answer_reward([answered, unanswered, answered], answer=["1702", "1702", "5"]) == [1.0, 0.0, 0.0]
 
 
-def test_task_data():
+def test_task_data(tokenizer):
     train, test = tool_task.load_prompts("train"), tool_task.load_prompts("test")
     assert (len(train), len(test)) == (tool_task.N_TRAIN, tool_task.N_TEST)
-    assert not {p[0]["content"] for p in train["prompt"]} & {p[0]["content"] for p in test["prompt"]}
+    assert test[0]["prompt"][0]["content"] == f"What is {test[0]['a']} * {test[0]['b']}?"
     sft = tool_task.sft_dataset()
+    sft_pairs = {frozenset(map(int, re.findall(r"\d+", row["messages"][0]["content"]))) for row in sft}
+    test_pairs = {frozenset((a, b)) for a, b in zip(test["a"], test["b"])}
+    train_pairs = {frozenset((a, b)) for a, b in zip(train["a"], train["b"])}
+    assert train_pairs <= sft_pairs and not test_pairs & (sft_pairs | train_pairs)  # b * a does not leak a * b
+    for row in list(train) + list(test):
+        assert row["answer"] == str(row["a"] * row["b"]) and row["a"] % 10 and row["b"] % 10
+        assert len(tokenizer.tokenize(f"\n{row['answer']}")) == tool_task.PRODUCT_TOKENS + 1
     with_tool = sum(any(m["role"] == "tool" for m in row["messages"]) for row in sft)
     offered = sum(row["tools"] is not None for row in sft)
-    assert 0.3 < with_tool / offered < 0.7 and 0.6 < offered / len(sft) < 0.9
-    assert json.loads(sft[0]["tools"])[0]["function"]["name"] == "calculator"
+    assert 0.3 < with_tool / offered < 0.5 and 0.65 < offered / len(sft) < 0.85
+    assert json.loads(sft[0]["tools"])[0]["function"]["name"] == "calculate"
+    copy_stage = tool_task.sft_dataset(tool_use_fraction=1.0, no_tool_fraction=0.0)
+    assert all(row["messages"][2]["role"] == "tool" for row in copy_stage)
     assert torch.get_num_threads() == 1
+
+
+def test_calculator_environment_episode_renders_as_the_warm_start(tokenizer, stop_ids):
+    """A sampled episode that calls `calculate` and copies its result is, token for token, the chat template's
+    rendering of the warm start's conversation on that question."""
+    row = tool_task.load_prompts("test")[0]
+    environment = tool_task.CalculatorEnvironment()
+    assert environment.reset(**row) is None and environment.calculate() == row["answer"]
+    call = '<tool_call>{"name": "calculate", "arguments": {}}</tool_call><|im_end|>'
+    prompt_ids = encode_prompts(tokenizer, [row["prompt"]], {"tools": [environment.calculate]})[0]
+    episodes = run_episodes(scripted(tokenizer, call, row["answer"] + "<|im_end|>"), tokenizer, [prompt_ids],
+                            [[environment.calculate]], stop_ids=stop_ids, max_iterations=1,
+                            max_completion_length=tool_task.MAX_COMPLETION_LENGTH)
+    assert episodes.tool_calls == 1 and tool_task.answer_reward(episodes.completions, [row["answer"]]) == [1.0]
+    conversation = row["prompt"] + [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                              "function": {"name": "calculate", "arguments": {}}}]},
+        {"role": "tool", "name": "calculate", "content": row["answer"]},
+        {"role": "assistant", "content": row["answer"]}]
+    rendered = tokenizer.apply_chat_template(conversation, tools=[environment.calculate], tokenize=True,
+                                             return_dict=False)
+    assert rendered[:-1] == prompt_ids + episodes.completion_ids[0]  # the template ends the turn with a newline
+    assert len(episodes.completion_ids[0]) <= tool_task.MAX_COMPLETION_LENGTH

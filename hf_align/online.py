@@ -713,13 +713,13 @@ class OnlineTrainer(AlignTrainer):
             self._metrics[self.mode][name].append(getattr(values, reduction)().item())
 
     def record_generation_metrics(self, rollout: Rollout) -> None:
-        """TRL's `completions/*` metrics over every process (lengths count the tokens the policy sampled, not tool
-        results), and the token count."""
+        """TRL's `completions/*` metrics over every process and the token count, both counting the tokens the policy
+        sampled (not tool results, as TRL)."""
         sampled = (rollout.completion_lengths[:, None] > torch.arange(
             rollout.completion_ids.size(1), device=rollout.completion_ids.device)).long()
-        self.record_tokens(torch.cat([rollout.prompt_mask, sampled], dim=1))
         if rollout.tool_mask is not None:
             sampled = sampled * rollout.tool_mask
+        self.record_tokens(torch.cat([rollout.prompt_mask, sampled], dim=1))
         lengths = gather(sampled.sum(-1).float())
         truncated = gather(rollout.is_truncated)
         self.record_value("completions/mean_length", lengths.mean())

@@ -2,7 +2,7 @@
 DDP.
 
 DeepSpeed itself runs in `test_deepspeed.py` (real ZeRO-2 / ZeRO-3 launches); here only the inference config it is
-given is checked, from a stand-in accelerator. FSDP cannot be selected through accelerate on a CPU
+given is checked, from accelerate's real `DeepSpeedPlugin`. FSDP cannot be selected through accelerate on a CPU
 (with ACCELERATE_USE_CPU=1 the FSDP config runs as plain DDP), so FSDP v1 generation runs on torch's own
 FullyShardedDataParallel over gloo. The plain path and DDP run for real.
 """
@@ -10,12 +10,10 @@ FullyShardedDataParallel over gloo. The plain path and DDP run for real.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from test_reinforce import launch_two_processes
 from transformers import AutoModelForSequenceClassification
 
@@ -33,24 +31,28 @@ TRAINING_CONFIG = {
 }
 
 
-def deepspeed_accelerator(stage: int) -> SimpleNamespace:
-    """A stand-in for an Accelerator launched with a DeepSpeed ZeRO-`stage` config."""
+def deepspeed_training_config(stage: int) -> dict:
+    """The DeepSpeed config accelerate's real `DeepSpeedPlugin` holds for `TRAINING_CONFIG` at ZeRO-`stage`: what
+    hf_align reads as `accelerator.state.deepspeed_plugin.deepspeed_config`."""
+    from accelerate.utils import DeepSpeedPlugin
+
     config = json.loads(json.dumps(TRAINING_CONFIG))
     config["zero_optimization"]["stage"] = stage
-    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    assert plugin.zero_stage == stage
+    return plugin.deepspeed_config
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed configs
 
-def test_zero3_inference_config_keeps_partitioning_and_drops_training_state():
-    model = SimpleNamespace(config=SimpleNamespace(hidden_size=64))
-    config = distributed.inference_deepspeed_config(TRAINING_CONFIG, model)
+def test_zero3_inference_config_keeps_partitioning_and_drops_training_state(tiny_model):
+    hidden = tiny_model.config.hidden_size
+    config = distributed.inference_deepspeed_config(deepspeed_training_config(3), tiny_model)
     assert "optimizer" not in config and "scheduler" not in config
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and "offload_optimizer" not in zero and zero["offload_param"] == {"device": "none"}
     # "auto" sized from the hidden size; a size the run set is kept; the rest as the run has it
-    assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_param_persistence_threshold"] == 640
+    assert zero["reduce_bucket_size"] == hidden * hidden and zero["stage3_param_persistence_threshold"] == 10 * hidden
     assert zero["stage3_prefetch_bucket_size"] == 1000 and zero["stage3_gather_16bit_weights_on_model_save"]
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (16, 2, 4)
@@ -59,10 +61,8 @@ def test_zero3_inference_config_keeps_partitioning_and_drops_training_state():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_zero_below_3_inference_config_is_stage_0(stage):
-    training_config = deepspeed_accelerator(stage).state.deepspeed_plugin.deepspeed_config
-    model = SimpleNamespace(config=SimpleNamespace(hidden_size=64))
-    config = distributed.inference_deepspeed_config(training_config, model)
+def test_zero_below_3_inference_config_is_stage_0(stage, tiny_model):
+    config = distributed.inference_deepspeed_config(deepspeed_training_config(stage), tiny_model)
     assert config["zero_optimization"] == {"stage": 0}
     assert "optimizer" not in config and "scheduler" not in config
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["bf16"] == {"enabled": True}
@@ -128,6 +128,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 policy = FullyShardedDataParallel(
     AutoModelForCausalLM.from_pretrained(model_path), device_id=torch.device("cpu"), use_orig_params=True,
     auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}))
+# The two attributes of accelerate's Accelerator that `gathered_for_generation` reads (FSDP cannot be selected on a CPU).
 accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
 prompts, sampling = json.loads(sys.argv[3]), generation.SamplingConfig(max_new_tokens=6, temperature=0)
 with distributed.gathered_for_generation(accelerator, policy) as generator:

@@ -126,7 +126,7 @@ def test_loss_functions_match_trl_on_a_grid():
     grid = torch.tensor([-1e-4, -0.05, -0.3, -0.69, -0.7, -1.5, -4.0, -20.0, -200.0], dtype=torch.float64)
     chosen, rejected = torch.meshgrid(grid, grid, indexing="ij")
     chosen, rejected = chosen.reshape(-1), rejected.reshape(-1)
-    device = SimpleNamespace(device="cpu")
+    device = SimpleNamespace(device=torch.device("cpu"))  # what TRL's methods read of `self.accelerator`
     trl_orpo = SimpleNamespace(beta=0.1, accelerator=device)
     trl_losses, *_ = TRLORPOTrainer.odds_ratio_loss(trl_orpo, chosen, rejected)  # computes in float32
     torch.testing.assert_close(losses.orpo_odds_ratio_loss(chosen.float(), rejected.float()), -trl_losses / 0.1,

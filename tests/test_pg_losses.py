@@ -417,11 +417,26 @@ class _Model(SimpleNamespace):
     training = True
 
 
+class _IdenticalProcesses:
+    """What TRL's `_compute_loss` reads of `self.accelerator`, as accelerate's `Accelerator` gives it when each of
+    `num_processes` processes holds the same rows: `gather` concatenates the copies along the first dimension (a
+    scalar becomes one value per process) and `reduce` sums or averages them."""
+
+    def __init__(self, num_processes: int = 1):
+        self.num_processes = num_processes
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor.reshape(1) if tensor.dim() == 0 else tensor] * self.num_processes)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor * self.num_processes if reduction == "sum" else tensor
+
+
 def _stand_in(per_token_logps, **attributes):
     """Just what TRL's `_compute_loss` reads from `self`; the "model" returns the given per-token log-probs."""
     stub = SimpleNamespace(
         model=_Model(),
-        accelerator=SimpleNamespace(num_processes=1, reduce=lambda x, reduction: x, gather=lambda x: x),
+        accelerator=_IdenticalProcesses(),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         aux_loss_enabled=False,
         _entropy_bonus_enabled=False,
@@ -459,7 +474,7 @@ def test_grpo_loss_matches_trl(loss_type, level, beta):
         max_completion_length=max_len,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=spg),
     )
-    stub.accelerator.num_processes = procs
+    stub.accelerator = _IdenticalProcesses(procs)
     n = logps.shape[0]
     inputs = {
         "prompt_ids": torch.ones(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),

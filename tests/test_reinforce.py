@@ -42,6 +42,8 @@ def fixed_generate(lengths, greedy_lengths=None, first_row=0, greedy_calls=None)
     prompt `greedy_lengths[prompt]` tokens and is recorded in `greedy_calls`. Every completion ends with eos."""
 
     def generate(model, tokenizer, prompts, sampling):
+        # The engine asks for one completion per row (its rows repeat each prompt); more is not reproduced here.
+        assert sampling.num_generations == 1, sampling.num_generations
         if sampling.temperature == 0:
             greedy_calls.append((list(prompts), sampling))
             rows = [[GREEDY_TOKEN] * (greedy_lengths[p] - 1) for p in prompts]
@@ -49,7 +51,7 @@ def fixed_generate(lengths, greedy_lengths=None, first_row=0, greedy_calls=None)
             rows = [[SAMPLED_TOKEN] * (lengths[first_row + i] - 1) for i in range(len(prompts))]
         ids = [torch.tensor(row + [tokenizer.eos_token_id]) for row in rows]
         return Completions(
-            prompt_ids=encode_prompts(tokenizer, prompts),
+            prompt_ids=encode_prompts(tokenizer, prompts, sampling.chat_template_kwargs),
             completion_ids=pad(ids, tokenizer.pad_token_id),
             completion_mask=pad([torch.ones_like(row) for row in ids], 0),
             texts=tokenizer.batch_decode(ids, skip_special_tokens=True),

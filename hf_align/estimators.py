@@ -112,12 +112,16 @@ def _kl_in_reward(inputs: EstimatorInputs, beta: float) -> tuple[torch.Tensor, t
     sequence KLs and the `kl` metric (the token mean of the log-ratio); the rewards as they are with β = 0."""
     if beta == 0:
         return inputs.rewards, None, {}
-    mask = inputs.mask.to(inputs.old_logps.dtype)
-    sequence_kl = ((inputs.old_logps - inputs.ref_logps) * mask).sum(-1)
-    token_mean = sequence_kl.sum() / mask.sum() if mask.sum() > 0 else None
-    metrics = {} if token_mean is None else {"kl": token_mean.item()}
-    rewards = losses.sequence_kl_penalised_rewards(inputs.rewards, inputs.old_logps, inputs.ref_logps, mask, beta)
-    return rewards, sequence_kl, metrics
+    token_kl = inputs.old_logps - inputs.ref_logps
+    sequence_kl = (token_kl * inputs.mask.to(token_kl.dtype)).sum(-1)
+    rewards = losses.sequence_kl_penalised_rewards(inputs.rewards, inputs.old_logps, inputs.ref_logps, inputs.mask,
+                                                   beta)
+    return rewards, sequence_kl, _kl_metric(token_kl, inputs.mask)
+
+
+def _kl_metric(token_kl: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """`kl`: the token mean of the k1 log-ratio over the loss tokens (none when there are none)."""
+    return {"kl": losses.masked_mean(token_kl, mask).item()} if mask.sum() > 0 else {}
 
 
 @register("group_relative")
@@ -175,9 +179,7 @@ def _token_returns(inputs: EstimatorInputs, scores: torch.Tensor, beta: float, g
     metrics = {}
     if beta != 0:
         kl = (inputs.old_logps - inputs.ref_logps).to(scores.dtype)
-        loss_tokens = inputs.mask.to(scores.dtype)
-        if loss_tokens.sum() > 0:
-            metrics["kl"] = ((kl * loss_tokens).sum() / loss_tokens.sum()).item()
+        metrics = _kl_metric(kl, inputs.mask)
     else:
         kl = torch.zeros_like(mask)
     token_rewards = losses.kl_penalised_token_rewards(scores.nan_to_num(), kl, mask, beta, clip)

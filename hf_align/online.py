@@ -415,24 +415,26 @@ class OnlineTrainer(AlignTrainer):
     def score(self, rollout: Rollout) -> Rollout:
         """The rewards `[n, F]` of this process's completions. What the reward functions logged as metrics is
         recorded here, for every completion sampled."""
-        completion_ids = [ids[:length].tolist() for ids, length in
-                          zip(rollout.completion_ids, rollout.completion_lengths.tolist())]
-        rewards_per_func = self.reward_scores(rollout.rows, rollout.completions, completion_ids)
+        rewards_per_func = self.reward_scores(rollout.rows, rollout.completions, rollout.completion_ids,
+                                              rollout.completion_lengths)
         log_columns, logged_metrics = self.reward_scorer.pop_logs()
         self.record_logged_metrics(logged_metrics)
         return rollout.replace(rewards_per_func=rewards_per_func.to(self.accelerator.device), log_columns=log_columns)
 
-    def reward_scores(self, rows: list[dict], completions: list, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Rewards `[n, F]` of `completions` (one per row, TRL's format), with the rows' other columns."""
+    def reward_scores(self, rows: list[dict], completions: list, completion_ids: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """Rewards `[n, F]` of `completions` (one per row, TRL's format; their ids `[n, C]`, the first `lengths`
+        tokens of each row), with the rows' other columns."""
+        completion_ids = [ids[:length].tolist() for ids, length in zip(completion_ids, lengths.tolist())]
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
         return self.reward_scorer.score(prompts, completions, completion_ids, columns, self.state)
 
-    def scalar_rewards(self, rewards_per_func: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
+    def scalar_rewards(self, rewards_per_func: torch.Tensor, shaping: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward `[N]` advantages come from: the weighted sum of the functions' rewards `[N, F]` plus the
-        trainer's reward shaping."""
+        trainer's reward shaping terms (`reward_shaping`)."""
         rewards = self.reward_scorer.combine(rewards_per_func)
-        for term in self.reward_shaping(completion_lengths).values():
+        for term in shaping.values():
             rewards = rewards + term
         return rewards
 
@@ -455,7 +457,8 @@ class OnlineTrainer(AlignTrainer):
         untied_counts, tied_count = 0, 0  # untied groups per process, tied groups of every process
         rounds = 0
         while True:
-            rewards = self.scalar_rewards(gather(rollout.rewards_per_func), gather(rollout.completion_lengths))
+            rewards = self.scalar_rewards(gather(rollout.rewards_per_func),
+                                          self.reward_shaping(gather(rollout.completion_lengths)))
             is_tied = losses.reward_std_is_zero(rewards, group_size, scale="group")[::group_size]
             is_tied = is_tied.view(self.accelerator.num_processes, -1)
             untied.append(rollout.select(group_rows(~is_tied[process], group_size)))
@@ -495,12 +498,12 @@ class OnlineTrainer(AlignTrainer):
             rollout = self.policy_statistics(rollout, estimator.needs)
         rewards_per_func = gather(rollout.rewards_per_func)
         self.record_reward_metrics(rewards_per_func)
-        lengths = gather(rollout.completion_lengths)
-        for name, term in self.reward_shaping(lengths).items():
+        shaping = self.reward_shaping(gather(rollout.completion_lengths))
+        for name, term in shaping.items():
             self.record_value(f"rewards/{name}/mean", term.mean())
         inputs = estimators.EstimatorInputs(
             rewards_per_func=rewards_per_func, reward_weights=self.reward_scorer.weights,
-            rewards=self.scalar_rewards(rewards_per_func, lengths), group_size=self.group_size,
+            rewards=self.scalar_rewards(rewards_per_func, shaping), group_size=self.group_size,
             mask=self.gather_tokens(rollout.loss_mask), is_truncated=gather(rollout.is_truncated),
             **{name: self.gather_tokens(getattr(rollout, name)) for name in ("old_logps", "ref_logps", "values")
                if getattr(rollout, name) is not None},
@@ -564,8 +567,8 @@ class OnlineTrainer(AlignTrainer):
         with distributed.gathered_for_generation(self.accelerator, self.model,
                                                  self.args.ds3_gather_for_generation) as generator:
             greedy = generation.generate_completions(generator, self.tokenizer, prompts, self.args.greedy_sampling(len(prompts)))
-        completion_ids = [ids[:length].tolist() for ids, length in zip(greedy.completion_ids, greedy.lengths)]
-        rewards_per_func = self.reward_scores(rows, completions_as_passed(prompts, greedy.texts), completion_ids)
+        rewards_per_func = self.reward_scores(rows, completions_as_passed(prompts, greedy.texts), greedy.completion_ids,
+                                              greedy.lengths)
         self.reward_scorer.pop_logs()  # what reward functions log should describe the trained-on samples only
         return self.reward_scorer.combine(rewards_per_func)
 

@@ -16,6 +16,7 @@ with `use_bias_correction_kl`, TRL's default), aggregated as `loss_type` says.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -315,7 +316,9 @@ class GRPOTrainer(OnlineTrainer):
             given = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = given + environment_rewards
             if args is not None and args.reward_weights is not None:
-                args.reward_weights = list(args.reward_weights) + [1.0] * len(environment_rewards)  # TRL's weight
+                # TRL's weight for an environment's reward; on a copy, so that the caller's Config stays as given.
+                args = copy.copy(args)
+                args.reward_weights = list(args.reward_weights) + [1.0] * len(environment_rewards)
         if rollout_func is not None and (self.tools or self.environment_pool is not None):
             raise ValueError("rollout_func samples the completions itself: give it, or tools / environment_factory, "
                              "not both.")
@@ -347,9 +350,8 @@ class GRPOTrainer(OnlineTrainer):
                     generator, self.tool_rendering, prompts, self.sampling_config(len(prompts)), tools=self.tools,
                     environments=environments, max_iterations=self.args.max_tool_calling_iterations or sys.maxsize,
                     max_completion_length=self.args.max_completion_length)
-            calls = self.accelerator.reduce(torch.tensor(float(episodes.tool_calls), device=self.accelerator.device))
-            failures = self.accelerator.reduce(torch.tensor(float(episodes.tool_failures),
-                                                            device=self.accelerator.device))
+            calls, failures = self.accelerator.reduce(torch.tensor(
+                [float(episodes.tool_calls), float(episodes.tool_failures)], device=self.accelerator.device)).tolist()
             self.record_value("tools/call_frequency", calls / (len(rows) * self.accelerator.num_processes))
             self.record_value("tools/failure_frequency", failures / calls if calls > 0 else 0.0)
         rollout = token_rollout(episodes.prompt_ids, episodes.completion_ids, is_truncated=episodes.is_truncated,

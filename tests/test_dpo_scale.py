@@ -379,6 +379,9 @@ def test_push_to_hub_to_loopback_hub_uploads_model_tokenizer_card_and_no_token(t
     assert pushed["hub_model_id"] == "me/tiny-dpo" and pushed["commit_url"].startswith(hub.url)
 
     assert not hub.errors, hub.errors
+    # Every call of the push is one the stand-in serves as the Hub does; bitsandbytes' kernel lookup (it falls back
+    # when that fails, as offline) is the only other request.
+    assert all("/kernels-community/" in path for _, path in hub.unhandled), hub.unhandled
     assert "me/tiny-dpo" in hub.repos
     authorized = [auth for method, path, auth in hub.requests if path.startswith("/api/repos") or "/commit/" in path]
     assert authorized and all(auth == f"Bearer {FAKE_TOKEN}" for auth in authorized)  # the token authenticated

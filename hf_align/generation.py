@@ -294,8 +294,8 @@ def _decode_loop_config(generator, config: GenerationConfig, device) -> Generati
 
 def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             config: GenerationConfig) -> list[torch.Tensor]:
-    """The generated tokens of each left-padded row, sampled as `generate` samples them (the same logits processors
-    and the same random draws, so the same tokens under the same seed), with less model work: identical prompts in
+    """The generated tokens of each left-padded row, sampled from the distributions `generate` samples from (the
+    same logits processors; the draw itself by `inverse_cdf_sample`), with less model work: identical prompts in
     the batch (a group's G copies) run through the model once and their KV cache is copied to each copy, and a row
     leaves the decode batch once it emitted a stop token. Finished rows are padded as `generate` pads them."""
     from transformers import DynamicCache
@@ -337,14 +337,22 @@ def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def _next_tokens(scores: torch.Tensor, running: torch.Tensor, batch_size: int, do_sample: bool) -> torch.Tensor:
-    """The next token of each running row from its processed `scores`: the argmax, or a sample drawn as
-    `torch.multinomial(softmax(scores), 1)` draws it for the whole batch of `batch_size` rows (exponential noise for
-    every row, finished ones included, then argmax of probability / noise), so that the random stream and every
-    running row's token are the ones `generate` gets with the finished rows still in its batch."""
+    """The next token of each running row from its processed `scores`: the argmax, or a sample from
+    softmax(scores) by `inverse_cdf_sample` with one uniform per row of the whole batch of `batch_size` rows
+    (finished ones included), so that a row's draws do not depend on when the other rows finished."""
     if not do_sample:
         return scores.argmax(-1)
-    noise = torch.empty((batch_size, scores.size(-1)), dtype=scores.dtype, device=scores.device).exponential_(1)
-    return (scores.softmax(-1) / noise[running]).argmax(-1)
+    uniforms = torch.rand(batch_size, dtype=torch.float64, device=scores.device)[running]
+    return inverse_cdf_sample(scores.softmax(-1), uniforms)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (`[B, V]`, rows summing to 1 up to rounding) for `uniforms` (`[B]`, in [0, 1)):
+    the token i with cdf[i-1] <= u * cdf[-1] < cdf[i], a draw from the row's distribution. A zero-probability token
+    is never drawn. `torch.multinomial` draws the same distribution on CPU by exponential noise over every entry,
+    about 25x the time of this one cumulative sum (float64, so rounding adds no bias over a 150k vocabulary)."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
 def _generate_continuously(generator, rows: list[list[int]], config: GenerationConfig,

@@ -1,7 +1,8 @@
 """hf_align.generation's decode loop (`_decode_sharing_prompts`: each prompt prefilled once for its group, finished
-rows dropped from the batch) against Hugging Face `generate` (the plain path): the same completions under the same
-seed, with every sampling filter, groups, ragged prompts and batches that split a group; the prompt runs through the
-model once per distinct prompt; peft models; and the cases that fall back to `generate`."""
+rows dropped from the batch, tokens drawn by inverse CDF) against Hugging Face `generate` (the plain path) drawing
+with the same sampler in place of `torch.multinomial`: the same completions under the same seed, with every sampling
+filter, groups, ragged prompts and batches that split a group; the sampler's draws follow the distribution; the
+prompt runs through the model once per distinct prompt; peft models; and the cases that fall back to `generate`."""
 
 from __future__ import annotations
 
@@ -32,13 +33,40 @@ def stopping_model(tiny_model, tiny_tokenizer):
     return tiny_model
 
 
+def _multinomial_by_inverse_cdf(probs, num_samples):
+    """`torch.multinomial(probs, 1)` as the decode loop draws it: one float64 uniform per row of the batch."""
+    assert num_samples == 1
+    return generation.inverse_cdf_sample(probs, torch.rand(probs.size(0), dtype=torch.float64))[:, None]
+
+
 def _sample(model, tokenizer, *, fast: bool, prompts=PROMPTS, **settings):
-    """`generate_completions` through the decode loop (`fast`) or through `generate` alone."""
+    """`generate_completions` through the decode loop (`fast`) or through `generate` alone, which then draws each
+    token with the loop's sampler (its batch keeps finished rows, so it draws a uniform for each row at each step
+    as the loop does)."""
     if fast:
         return generate_completions(model, tokenizer, prompts, SamplingConfig(**settings))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "_decode_loop_config", lambda *args: None)
+        patch.setattr(torch, "multinomial", _multinomial_by_inverse_cdf)
         return generate_completions(model, tokenizer, prompts, SamplingConfig(**settings))
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.15, 0.1, 0.05], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = 200_000
+    uniforms = torch.rand(draws, 2, dtype=torch.float64, generator=generator)
+    tokens = generation.inverse_cdf_sample(probs.repeat(draws, 1), uniforms.flatten()).view(draws, 2)
+    counts = torch.bincount(tokens[:, 0], minlength=6).double()
+    assert counts[1] == 0  # a zero-probability token is never drawn
+    expected = probs[0] * draws
+    support = expected > 0
+    chi_square = float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
+    assert chi_square < 18.47  # the 0.999 quantile of chi-square with 4 degrees of freedom
+    assert torch.all(tokens[:, 1] == 5)
+    # the edges: u = 0 draws the first token with mass, u just below 1 the last one
+    edges = generation.inverse_cdf_sample(probs[:1].repeat(2, 1), torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64))
+    assert edges.tolist() == [0, 5]
 
 
 @pytest.mark.parametrize("settings", [

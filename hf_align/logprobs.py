@@ -286,8 +286,10 @@ def _expose(results: dict):
 
 def _head_scored_forward(model, causal_lm, fast_path: _FastPath, inputs: dict, select, **scoring) -> ScoredForward:
     """The fast path: `token_logprobs` of the hidden states `[N, H]` `select` picks from the decoder's last hidden
-    state, through the LM head and `fast_path`'s soft cap, inside the forward (the model's own head runs on its last
-    position only)."""
+    state, through the LM head and `fast_path`'s soft cap, inside the forward. The model's own head runs on no
+    position: `_probe_head` saw it take a tensor of positions, and an empty one costs nothing, where its last position
+    (`logits_to_keep=1`, a strided slice) costs a `[B, V]` product, done as a batched product over B copies of the
+    head's weight under `no_grad` on a CPU."""
     to_logits = partial(_head_logits, head=causal_lm.get_output_embeddings(), softcap=fast_path.softcap)
     results = {}
 
@@ -296,7 +298,7 @@ def _head_scored_forward(model, causal_lm, fast_path: _FastPath, inputs: dict, s
         results["logps"] = token_logprobs(rows, to_logits, targets, **scoring)
 
     with _forward_hooks((_decoder(causal_lm), score), (causal_lm, _expose(results))):
-        model(**_forward_kwargs(causal_lm, **inputs))
+        model(**_forward_kwargs(causal_lm, **inputs, logits_to_keep=inputs["input_ids"].new_zeros(0)))
     return ScoredForward(results["logps"], results["aux_loss"])
 
 

@@ -72,17 +72,47 @@ class ScoredForward:
     aux_loss: torch.Tensor | None
 
 
+class _TargetLogProbs(torch.autograd.Function):
+    """`(log softmax(logits)[targets], logsumexp(logits))` for logits `[n, V]` and targets `[n]`; only the log-probs
+    carry a gradient. Its backward writes the logits' gradient, `g * (onehot(targets) - softmax(logits))`, into one
+    `[n, V]` tensor in place, where autograd's would allocate and add one for the log-normaliser and one (a zero-filled
+    scatter) for the gather: on a CPU each fresh `[n, V]` float32 tensor is page-faulted in, and these passes are most of
+    the head's time outside its matrix products."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        log_norm = torch.logsumexp(logits, dim=-1)
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        ctx.save_for_backward(logits, targets, log_norm)
+        ctx.mark_non_differentiable(log_norm)
+        return logps, log_norm
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, _grad_log_norm):
+        logits, targets, log_norm = ctx.saved_tensors
+        grad_logps = grad_logps.unsqueeze(-1)
+        if torch.is_grad_enabled():  # `create_graph`: this gradient is differentiated again (TRPO's Fisher products)
+            return (-grad_logps * torch.softmax(logits, dim=-1)).scatter_add(-1, targets.unsqueeze(-1), grad_logps), None
+        grad = (logits - log_norm.unsqueeze(-1)).exp_().mul_(-grad_logps)
+        return grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps), None
+
+
 def _chunk_logps(rows, targets, to_logits, temperature, with_stats, entropy_grad):
     logits = to_logits(rows).float()
     if temperature != 1.0:
         logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy_grad = entropy_grad and with_stats and torch.is_grad_enabled()
+    if entropy_grad:  # the entropy's gradient needs autograd through the normaliser too
+        log_norm = torch.logsumexp(logits, dim=-1)
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    else:
+        logps, log_norm = _TargetLogProbs.apply(logits, targets)
     if not with_stats:
         return (logps,)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     with torch.no_grad():
+        if not entropy_grad:
+            entropy = log_norm - (logits - log_norm.unsqueeze(-1)).exp_().mul_(logits).sum(-1)
         mean_logit = logits.mean(-1)
         is_top1 = logits.argmax(-1) == targets
     return logps, entropy, mean_logit, is_top1

@@ -169,6 +169,25 @@ def test_gradient_wrt_hidden_states_and_weight_of_token_logprobs(chunk_size):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_target_logprobs_gradient_and_its_gradient_are_log_softmaxs():
+    """The fused log-softmax-and-gather: values, the in-place backward (any upstream gradient, repeated targets) and
+    the differentiable one double backprop takes (TRPO's Fisher products) against autograd's, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.tensor([0, 3, 3, 8, 1, 0])
+    upstream = torch.randn(6, dtype=torch.float64, generator=generator)
+    logps, log_norm = logprobs._TargetLogProbs.apply(logits, targets)
+    naive = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, naive)
+    torch.testing.assert_close(log_norm, torch.logsumexp(logits, -1))
+    assert not log_norm.requires_grad
+    (ours,) = torch.autograd.grad(logps, logits, upstream)
+    (theirs,) = torch.autograd.grad(naive, logits, upstream)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(lambda x: logprobs._TargetLogProbs.apply(x, targets)[0], (logits,))
+    assert torch.autograd.gradgradcheck(lambda x: logprobs._TargetLogProbs.apply(x, targets)[0], (logits,))
+
+
 def test_no_completion_tokens(model):
     batch = _batch(model.config.vocab_size)
     empty = torch.zeros_like(batch["completion_mask"])

@@ -3,6 +3,7 @@
     python benchmarks/qlora_memory.py                                   # DPO and GRPO at 512 tokens, GC off and on
     python benchmarks/qlora_memory.py --algos dpo --lengths 512 1024 --gradient_checkpointing on
     python benchmarks/qlora_memory.py --activation_offloading           # what each trainer does with it on this CPU
+    python benchmarks/qlora_memory.py --prefix_sharing                  # hf_align with its prompt run once per group
 
 The model has TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads / 4 KV heads, intermediate 5632, 32k
 vocabulary; 1.1B parameters) with random weights, built once offline (`LlamaConfig` + `save_pretrained`, bf16 on disk)
@@ -22,11 +23,12 @@ generation is at its largest), one prompt per step.
 
 Each run is its own process, runs alternate hf_align, TRL, hf_align, ... and `--warmup + --steps` optimizer steps
 are trained (the AdamW states exist from the first step's end, so the second step's peak holds everything). Two peaks
-are reported per run, both from the kernel's high-water mark of the process's resident set (`ru_maxrss`): the
+are reported per run, both from the kernel's high-water mark of the process's resident set (VmHWM): the
 whole process (loading the model included: the same code for both), and the training peak, the high-water mark
-reset (`/proc/self/clear_refs`) once the model is loaded, so it holds what the trainer builds and trains; the table
-gives that peak and the same minus the RSS right after loading ("above the loaded model": the loaded RSS itself varies
-by up to 1 GB over identical loading code), each with hf_align / TRL. Prints one markdown row per (algorithm, length,
+reset (`/proc/self/clear_refs`) once the model is loaded and the heap loading freed is returned (`malloc_trim(0)`:
+without it the loaded RSS varied by up to 1 GB over identical loading code), so it holds what the trainer builds and
+trains; the table gives that peak and the same minus the RSS right after loading ("above the loaded model"), each
+with hf_align / TRL. Prints one markdown row per (algorithm, length,
 gradient checkpointing). glibc's allocator keeps freed blocks below its dynamic mmap threshold, and the RSS peaks
 hold them: `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/qlora_memory.py ...` measures with every block of 64 KiB
 or more mapped and returned when freed (closer to the live tensors). `--activation_offloading` reports each
@@ -39,7 +41,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -70,13 +71,24 @@ def build_model(path: str) -> None:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The resident-set high-water mark of the process's memory (VmHWM), which `reset_peak` resets. Not `ru_maxrss`:
+    that also keeps the high-water mark each exited thread saw (the loading threads'), so it never fell below the
+    loading peak."""
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
 def reset_peak() -> None:
-    """Resets the process's resident-set high-water mark (`ru_maxrss`, VmHWM) to its current RSS (Linux ≥ 4.0)."""
+    """Resets the process's resident-set high-water mark (VmHWM) to its current RSS (Linux ≥ 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def release_freed_heap() -> None:
+    """Returns the heap that loading freed but glibc kept (`malloc_trim(0)`), so that both trainers start from the
+    same loaded model: without it the loaded RSS varied between 1.6 and 2.7 GB over identical loading code."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def current_rss_mb() -> float:
@@ -121,7 +133,9 @@ def run_one(args) -> dict:
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32))
     load_seconds = time.perf_counter() - start
-    load_peak, loaded_rss = peak_mb(), current_rss_mb()
+    load_peak = peak_mb()
+    release_freed_heap()
+    loaded_rss = current_rss_mb()
     reset_peak()
 
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
@@ -134,7 +148,10 @@ def run_one(args) -> dict:
     )
     if args.activation_offloading:
         common["activation_offloading"] = True
+    if args.prefix_sharing and args.impl == "hf_align":
+        common["prefix_sharing"] = True
     result = {"impl": args.impl, "algo": args.algo, "length": args.length, "gc": args.gradient_checkpointing,
+              "prefix_sharing": bool(common.get("prefix_sharing")),
               "load_s": load_seconds, "load_peak_mb": load_peak, "loaded_rss_mb": loaded_rss}
     try:
         if args.algo == "dpo":
@@ -205,6 +222,8 @@ def main():
     parser.add_argument("--impls", nargs="+", choices=["hf_align", "trl"], default=["hf_align", "trl"])
     parser.add_argument("--activation_offloading", action="store_true",
                         help="Set `activation_offloading=True` in both Configs and report what each trainer does.")
+    parser.add_argument("--prefix_sharing", action="store_true",
+                        help="hf_align only: each DPO pair, or each GRPO group, runs its prompt through the model once.")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
@@ -253,6 +272,8 @@ def main():
                             command.append(f"--batch_size={args.batch_size}")
                         if args.activation_offloading:
                             command.append("--activation_offloading")
+                        if args.prefix_sharing:
+                            command.append("--prefix_sharing")
                         out = subprocess.run(command, capture_output=True, text=True, env=env)
                         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
                         if not lines:

@@ -352,6 +352,9 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     is never drawn. `torch.multinomial` draws the same distribution on CPU by exponential noise over every entry,
     about 25x the time of this one cumulative sum (float64, so rounding adds no bias over a 150k vocabulary)."""
     cdf = probs.double().cumsum(-1)
+    if not torch.isfinite(cdf[:, -1]).all():  # `torch.multinomial` raises here too; a search would return a token
+        raise RuntimeError("Sampling: the next-token probabilities contain inf or nan (the model's logits overflowed, "
+                           "or every token was filtered out); no token can be drawn.")
     return torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 

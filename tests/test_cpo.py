@@ -94,14 +94,15 @@ def test_cpo_loss_refuses_what_it_cannot_compute():
                          [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0),
                           ("simpo", 0.15)])
 def test_cpo_loss_matches_trl_on_a_grid(loss_type, label_smoothing, alpha):
-    """The same losses and rewards as TRL's own `CPOTrainer.cpo_loss`, called on a stand-in `self`, in float64 over
-    log-probs where TRL's AlphaPO form is finite."""
+    """The same losses and rewards as TRL's own `CPOTrainer.cpo_loss`, called on a stand-in `self` (the settings, and
+    a real `Accelerator`), in float64 over log-probs where TRL's AlphaPO form is finite."""
+    from accelerate import Accelerator
     from trl.experimental.cpo import CPOTrainer as TRLCPOTrainer
 
     grid = torch.tensor([-0.01, -0.4, -1.3, -3.0, -7.5, -25.0], dtype=torch.float64)
     chosen, rejected = (values.reshape(-1) for values in torch.meshgrid(grid, grid, indexing="ij"))
     settings = dict(beta=0.7, label_smoothing=label_smoothing, simpo_gamma=0.8, alpha=alpha)
-    trl_self = SimpleNamespace(loss_type=loss_type, accelerator=SimpleNamespace(device="cpu"), **settings)
+    trl_self = SimpleNamespace(loss_type=loss_type, accelerator=Accelerator(), **settings)
     expected, expected_chosen_rewards, expected_rejected_rewards = TRLCPOTrainer.cpo_loss(trl_self, chosen, rejected)
     torch.testing.assert_close(losses.cpo_loss(loss_type, chosen, rejected, **settings), expected, rtol=1e-10,
                                atol=1e-10)

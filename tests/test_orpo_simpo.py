@@ -119,21 +119,23 @@ def test_simpo_loss_hand_values():
 
 def test_loss_functions_match_trl_on_a_grid():
     """The same numbers as TRL's own `ORPOTrainer.odds_ratio_loss` and `CPOTrainer.cpo_loss` (SimPO), called on a
-    stand-in `self`, over mean log-probs from near 0 (the expm1 branch) to very negative (the log1p branch)."""
+    stand-in `self` (the settings, and a real `Accelerator`), over mean log-probs from near 0 (the expm1 branch) to very
+    negative (the log1p branch)."""
+    from accelerate import Accelerator
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
 
     grid = torch.tensor([-1e-4, -0.05, -0.3, -0.69, -0.7, -1.5, -4.0, -20.0, -200.0], dtype=torch.float64)
     chosen, rejected = torch.meshgrid(grid, grid, indexing="ij")
     chosen, rejected = chosen.reshape(-1), rejected.reshape(-1)
-    device = SimpleNamespace(device=torch.device("cpu"))  # what TRL's methods read of `self.accelerator`
-    trl_orpo = SimpleNamespace(beta=0.1, accelerator=device)
+    accelerator = Accelerator()
+    trl_orpo = SimpleNamespace(beta=0.1, accelerator=accelerator)
     trl_losses, *_ = TRLORPOTrainer.odds_ratio_loss(trl_orpo, chosen, rejected)  # computes in float32
     torch.testing.assert_close(losses.orpo_odds_ratio_loss(chosen.float(), rejected.float()), -trl_losses / 0.1,
                                rtol=1e-5, atol=1e-7)
     for beta, gamma, eps in ((2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (2.0, 0.5, 0.2)):
         trl_cpo = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=gamma, label_smoothing=eps,
-                                  accelerator=device)
+                                  accelerator=accelerator)
         expected, *_ = CPOTrainer.cpo_loss(trl_cpo, chosen, rejected)
         torch.testing.assert_close(losses.simpo_loss(chosen, rejected, beta, gamma, eps), expected, rtol=1e-12,
                                    atol=1e-12)

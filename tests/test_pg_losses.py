@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from hf_align import losses
 
@@ -419,10 +420,11 @@ class _Model(SimpleNamespace):
 
 class _IdenticalProcesses:
     """What TRL's `_compute_loss` reads of `self.accelerator`, as accelerate's `Accelerator` gives it when each of
-    `num_processes` processes holds the same rows: `gather` concatenates the copies along the first dimension (a
-    scalar becomes one value per process) and `reduce` sums or averages them."""
+    `num_processes` (≥ 2) processes holds the same rows: `gather` concatenates the copies along the first dimension (a
+    scalar becomes one value per process) and `reduce` sums or averages them. One process is a real `Accelerator`."""
 
-    def __init__(self, num_processes: int = 1):
+    def __init__(self, num_processes: int):
+        assert num_processes >= 2, "one process: use accelerate's own Accelerator"
         self.num_processes = num_processes
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -436,7 +438,7 @@ def _stand_in(per_token_logps, **attributes):
     """Just what TRL's `_compute_loss` reads from `self`; the "model" returns the given per-token log-probs."""
     stub = SimpleNamespace(
         model=_Model(),
-        accelerator=_IdenticalProcesses(),
+        accelerator=Accelerator(),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         aux_loss_enabled=False,
         _entropy_bonus_enabled=False,

@@ -355,7 +355,8 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     if not torch.isfinite(cdf[:, -1]).all():  # `torch.multinomial` raises here too; a search would return a token
         raise RuntimeError("Sampling: the next-token probabilities contain inf or nan (the model's logits overflowed, "
                            "or every token was filtered out); no token can be drawn.")
-    return torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return tokens.clamp_(max=probs.size(-1) - 1)
 
 
 def _generate_continuously(generator, rows: list[list[int]], config: GenerationConfig,

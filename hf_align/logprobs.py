@@ -75,9 +75,9 @@ class ScoredForward:
 class _TargetLogProbs(torch.autograd.Function):
     """`(log softmax(logits)[targets], logsumexp(logits))` for logits `[n, V]` and targets `[n]`; only the log-probs
     carry a gradient. Its backward writes the logits' gradient, `g * (onehot(targets) - softmax(logits))`, into one
-    `[n, V]` tensor in place, where autograd's would allocate and add one for the log-normaliser and one (a zero-filled
-    scatter) for the gather: on a CPU each fresh `[n, V]` float32 tensor is page-faulted in, and these passes are most of
-    the head's time outside its matrix products."""
+    `[n, V]` tensor in place, where autograd's would allocate and add one for the log-normaliser and one (a
+    zero-filled scatter) for the gather: on a CPU each fresh `[n, V]` float32 tensor is page-faulted in, and these
+    passes are most of the head's time outside its matrix products."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
@@ -92,7 +92,8 @@ class _TargetLogProbs(torch.autograd.Function):
         logits, targets, log_norm = ctx.saved_tensors
         grad_logps = grad_logps.unsqueeze(-1)
         if torch.is_grad_enabled():  # `create_graph`: this gradient is differentiated again (TRPO's Fisher products)
-            return (-grad_logps * torch.softmax(logits, dim=-1)).scatter_add(-1, targets.unsqueeze(-1), grad_logps), None
+            grad = -grad_logps * torch.softmax(logits, dim=-1)
+            return grad.scatter_add(-1, targets.unsqueeze(-1), grad_logps), None
         grad = (logits - log_norm.unsqueeze(-1)).exp_().mul_(-grad_logps)
         return grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps), None
 
@@ -101,18 +102,16 @@ def _chunk_logps(rows, targets, to_logits, temperature, with_stats, entropy_grad
     logits = to_logits(rows).float()
     if temperature != 1.0:
         logits = logits / temperature
-    entropy_grad = entropy_grad and with_stats and torch.is_grad_enabled()
-    if entropy_grad:  # the entropy's gradient needs autograd through the normaliser too
-        log_norm = torch.logsumexp(logits, dim=-1)
-        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    else:
-        logps, log_norm = _TargetLogProbs.apply(logits, targets)
+    logps, log_norm = _TargetLogProbs.apply(logits, targets)
     if not with_stats:
         return (logps,)
-    with torch.no_grad():
-        if not entropy_grad:
+    # H = log Z - E_p[logit]
+    if entropy_grad and torch.is_grad_enabled():  # an entropy bonus: its gradient runs through the normaliser too
+        entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    else:
+        with torch.no_grad():
             entropy = log_norm - (logits - log_norm.unsqueeze(-1)).exp_().mul_(logits).sum(-1)
+    with torch.no_grad():
         mean_logit = logits.mean(-1)
         is_top1 = logits.argmax(-1) == targets
     return logps, entropy, mean_logit, is_top1

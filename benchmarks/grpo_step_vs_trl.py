@@ -29,10 +29,6 @@ CHILD_FLAGS = ("model", "algorithm", "steps", "warmup", "batch_size", "generatio
                "prompt_tokens", "threads")
 
 
-def exact_answer(completions, answer, **kwargs):
-    return [float(c.strip() == a) for c, a in zip(completions, answer)]
-
-
 def benchmark_prompts(args):
     """The embedded "comparisons" questions, lengthened to about `args.prompt_tokens` tokens when that is set."""
     from datasets import Dataset
@@ -72,13 +68,15 @@ def run_one(args) -> dict:
     from transformers import TrainerCallback
 
     Config, Trainer = contender(args, args.algorithm.upper() if args.algorithm == "rloo" else "GRPO")
+    from hf_align.verifiers import exact_match_reward
     config = Config(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, num_generations=args.generations,
         max_completion_length=args.max_completion_length, max_steps=args.warmup + args.steps, learning_rate=1e-6,
         beta=0.0, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=10_000, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
     )
-    trainer = Trainer(args.model, exact_answer, args=config, train_dataset=benchmark_prompts(args))
+    reward = exact_match_reward("answer", extract_answer=False)
+    trainer = Trainer(args.model, reward, args=config, train_dataset=benchmark_prompts(args))
     generation_seconds, completions, step_ends = [], [], []
     timed_generation(trainer, args.impl, generation_seconds, completions)
 

@@ -24,15 +24,12 @@ import time
 from harness import compare_with_trl, contender, print_comparison
 
 
-def exact_answer(completions, answer, **kwargs):
-    return [float(c.strip() == a) for c, a in zip(completions, answer)]
-
-
 def run_one(args) -> dict:
     from transformers import TrainerCallback
 
     import hf_align.rollout as sampling_module
     from hf_align.defaults import load_default_dataset
+    from hf_align.verifiers import exact_match_reward
 
     GRPOConfig, GRPOTrainer = contender(args, "GRPO")
 
@@ -44,7 +41,8 @@ def run_one(args) -> dict:
     )
     if args.prefix_sharing and args.impl == "hf_align":
         config.prefix_sharing = True
-    trainer = GRPOTrainer(args.model, exact_answer, args=config, train_dataset=load_default_dataset("comparisons"))
+    trainer = GRPOTrainer(args.model, exact_match_reward("answer", extract_answer=False), args=config,
+                          train_dataset=load_default_dataset("comparisons"))
 
     generation_seconds, token_counts, step_ends = [], [], []
 

@@ -106,10 +106,6 @@ def prompts_of_length(tokenizer, prompts: list[str], tokens: int) -> list[str]:
     return out
 
 
-def exact_answer(completions, answer, **kwargs):
-    return [float(c.strip() == a) for c, a in zip(completions, answer)]
-
-
 def run_one(args) -> dict:
     import torch
 
@@ -121,6 +117,7 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
     from hf_align.defaults import load_default_dataset
+    from hf_align.verifiers import exact_match_reward
 
     module = importlib.import_module("hf_align" if args.impl == "hf_align" else "trl")
     name = args.algo.upper()
@@ -167,7 +164,8 @@ def run_one(args) -> dict:
             dataset = Dataset.from_dict({"prompt": prompts, "answer": base["answer"]})
             config = Config(**common, beta=args.grpo_beta, num_generations=args.generations,
                             max_completion_length=args.max_completion_length)
-            trainer = Trainer(model, exact_answer, args=config, train_dataset=dataset, processing_class=tokenizer,
+            trainer = Trainer(model, exact_match_reward("answer", extract_answer=False), args=config,
+                              train_dataset=dataset, processing_class=tokenizer,
                               peft_config=peft_config)
     except Exception as error:  # noqa: BLE001 -- reported, e.g. activation offloading on a CPU
         return {**result, "error": f"{type(error).__name__}: {error}"[:400]}

@@ -71,6 +71,29 @@ def test_inverse_cdf_draws_follow_the_distribution():
         generation.inverse_cdf_sample(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.3], dtype=torch.float64))
 
 
+def test_inverse_cdf_over_blocks_is_the_whole_rows_inverse_cdf():
+    """A vocabulary of several blocks and a shorter last one (`INVERSE_CDF_BLOCK` tokens each), a block with no mass
+    and zero-probability tokens at block edges: every draw is the token the whole row's float64 cumulative sum gives,
+    and no zero-probability token is drawn, the uniform's edges included."""
+    block = generation.INVERSE_CDF_BLOCK
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 3 * block + 100, generator=generator) ** 4
+    probs[:, block : 2 * block] = 0  # a whole block
+    probs[:, [0, block - 1, 2 * block, 3 * block - 1, 3 * block, -1]] = 0  # the edges of the others
+    probs[2, : 3 * block] = 0  # a row whose mass is all in the last, shorter block
+    probs /= probs.sum(-1, keepdim=True)
+    draws = 20_000
+    uniforms = torch.cat([torch.rand(draws * 3, dtype=torch.float64, generator=generator),
+                          torch.tensor([0.0, 0.0, 0.0, 1 - 2**-53, 1 - 2**-53, 1 - 2**-53], dtype=torch.float64)])
+    rows = probs.repeat(draws + 2, 1)
+    tokens = generation.inverse_cdf_sample(rows, uniforms)
+    whole_cdf = rows.double().cumsum(-1)
+    expected = torch.searchsorted(whole_cdf, (uniforms * whole_cdf[:, -1])[:, None], right=True).squeeze(1)
+    assert torch.equal(tokens, expected)
+    assert (rows.gather(1, tokens[:, None]) > 0).all()
+    assert (tokens.view(-1, 3)[:, 2] >= 3 * block).all()
+
+
 @pytest.mark.parametrize("settings", [
     dict(num_generations=4),
     dict(num_generations=3, **FILTERS),

@@ -355,15 +355,18 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     is never drawn. `torch.multinomial` draws the same distribution on CPU by exponential noise over every entry,
     about 25x the time of this search.
 
-    The cumulative sums are float64 (so rounding adds no bias over a 150k vocabulary) and taken in two levels: over
-    the sums of blocks of `INVERSE_CDF_BLOCK` tokens, then inside the block the uniform falls in. A float64 copy and
-    cumulative sum of the whole `[B, V]` row cost ~10x that on a CPU."""
+    The search runs in two levels, so no `[B, V]` tensor is written (on a CPU each is page-faulted in afresh): over
+    the cumulative sum of the rows' blocks of `INVERSE_CDF_BLOCK` tokens, then inside the block the uniform falls
+    in, where it is placed by its fraction of the block's mass. Each block's sum is float32 (a vectorised sum of 256
+    probabilities, exact to float32's rounding of the probabilities themselves) and both cumulative sums are float64,
+    so rounding accumulates no bias along a 150k vocabulary."""
     rows, vocab = probs.shape
     whole_blocks = vocab // INVERSE_CDF_BLOCK
     whole = whole_blocks * INVERSE_CDF_BLOCK
-    block_sums = probs[:, :whole].reshape(rows, whole_blocks, INVERSE_CDF_BLOCK).sum(-1, dtype=torch.float64)
+    block_sums = probs[:, :whole].reshape(rows, whole_blocks, INVERSE_CDF_BLOCK).sum(-1)
     if whole < vocab:  # the last, shorter block
-        block_sums = torch.cat([block_sums, probs[:, whole:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+        block_sums = torch.cat([block_sums, probs[:, whole:].sum(-1, keepdim=True)], dim=1)
+    block_sums = block_sums.double()
     block_cdf = block_sums.cumsum(-1)
     total = block_cdf[:, -1:]
     if not torch.isfinite(total).all():  # `torch.multinomial` raises here too; a search would return a token
@@ -374,9 +377,10 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # the cdf before the block
     ids = block * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=probs.device)
     inner_cdf = probs.gather(1, ids.clamp(max=vocab - 1)).double().masked_fill_(ids >= vocab, 0).cumsum(-1)
-    position = torch.searchsorted(inner_cdf, target - before, right=True).clamp_(max=INVERSE_CDF_BLOCK - 1)
-    # Rounding (the block's sum against its cumulative sum) can put the target at or past the block's last value:
-    # step back from a zero-probability position to the last token with mass before it.
+    inner_target = (target - before) / block_sums.gather(1, block) * inner_cdf[:, -1:]
+    position = torch.searchsorted(inner_cdf, inner_target, right=True).clamp_(max=INVERSE_CDF_BLOCK - 1)
+    # Rounding can put the target at or past the block's last value: step back from a zero-probability position to
+    # the last token with mass before it.
     position = torch.searchsorted(inner_cdf, inner_cdf.gather(1, position))
     return ids.gather(1, position).squeeze(1)
 

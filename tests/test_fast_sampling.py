@@ -73,8 +73,9 @@ def test_inverse_cdf_draws_follow_the_distribution():
 
 def test_inverse_cdf_over_blocks_is_the_whole_rows_inverse_cdf():
     """A vocabulary of several blocks and a shorter last one (`INVERSE_CDF_BLOCK` tokens each), a block with no mass
-    and zero-probability tokens at block edges: every draw is the token the whole row's float64 cumulative sum gives,
-    and no zero-probability token is drawn, the uniform's edges included."""
+    and zero-probability tokens at block edges: each draw is the token the whole row's float64 cumulative sum gives
+    up to float32's rounding of the block sums (a draw may differ only where its target lies within 1e-6 of the
+    boundary between the two tokens), and no zero-probability token is drawn, the uniform's edges included."""
     block = generation.INVERSE_CDF_BLOCK
     generator = torch.Generator().manual_seed(0)
     probs = torch.rand(3, 3 * block + 100, generator=generator) ** 4
@@ -88,8 +89,12 @@ def test_inverse_cdf_over_blocks_is_the_whole_rows_inverse_cdf():
     rows = probs.repeat(draws + 2, 1)
     tokens = generation.inverse_cdf_sample(rows, uniforms)
     whole_cdf = rows.double().cumsum(-1)
-    expected = torch.searchsorted(whole_cdf, (uniforms * whole_cdf[:, -1])[:, None], right=True).squeeze(1)
-    assert torch.equal(tokens, expected)
+    targets = (uniforms * whole_cdf[:, -1])[:, None]
+    expected = torch.searchsorted(whole_cdf, targets, right=True).squeeze(1)
+    differ = tokens != expected
+    assert differ.sum() <= 3
+    boundary = whole_cdf[differ].gather(1, torch.minimum(tokens, expected)[differ, None])
+    assert torch.allclose(boundary, targets[differ], rtol=0, atol=1e-6)
     assert (rows.gather(1, tokens[:, None]) > 0).all()
     assert (tokens.view(-1, 3)[:, 2] >= 3 * block).all()
 

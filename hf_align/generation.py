@@ -337,23 +337,24 @@ def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def _next_tokens(scores: torch.Tensor, running: torch.Tensor, batch_size: int, do_sample: bool) -> torch.Tensor:
-    """The next token of each running row from its processed `scores`: the argmax, or a sample from
+    """The next token of each running row from its processed `scores` (overwritten): the argmax, or a sample from
     softmax(scores) by `inverse_cdf_sample` with one uniform per row of the whole batch of `batch_size` rows
     (finished ones included), so that a row's draws do not depend on when the other rows finished."""
     if not do_sample:
         return scores.argmax(-1)
     uniforms = torch.rand(batch_size, dtype=torch.float64, device=scores.device)[running]
-    return inverse_cdf_sample(scores.softmax(-1), uniforms)
+    # softmax's numerator, written over the scores (the search normalises): no new [B, V] tensor to page in
+    return inverse_cdf_sample(scores.sub_(scores.amax(-1, keepdim=True)).exp_(), uniforms)
 
 
 INVERSE_CDF_BLOCK = 256
 
 
 def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of `probs` (`[B, V]`, rows summing to 1 up to rounding) for `uniforms` (`[B]`, in [0, 1)):
-    the token i with cdf[i-1] <= u * cdf[-1] < cdf[i], a draw from the row's distribution. A zero-probability token
-    is never drawn. `torch.multinomial` draws the same distribution on CPU by exponential noise over every entry,
-    about 25x the time of this search.
+    """One token per row of `probs` (`[B, V]`, non-negative, each row's draw in proportion to them: probabilities or
+    their unnormalised weights) for `uniforms` (`[B]`, in [0, 1)): the token i with cdf[i-1] <= u * cdf[-1] <
+    cdf[i], a draw from the row's distribution. A zero-probability token is never drawn. `torch.multinomial`
+    draws the same distribution on CPU by exponential noise over every entry, about 25x the time of this search.
 
     The search runs in two levels, so no `[B, V]` tensor is written (on a CPU each is page-faulted in afresh): over
     the cumulative sum of the rows' blocks of `INVERSE_CDF_BLOCK` tokens, then inside the block the uniform falls

@@ -370,9 +370,9 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     block_sums = block_sums.double()
     block_cdf = block_sums.cumsum(-1)
     total = block_cdf[:, -1:]
-    if not torch.isfinite(total).all():  # `torch.multinomial` raises here too; a search would return a token
-        raise RuntimeError("Sampling: the next-token probabilities contain inf or nan (the model's logits overflowed, "
-                           "or every token was filtered out); no token can be drawn.")
+    if not (torch.isfinite(total) & (total > 0)).all():  # `torch.multinomial` raises too; a search would return a token
+        raise RuntimeError("Sampling: the next-token probabilities contain inf or nan, or sum to zero (the model's "
+                           "logits overflowed, or every token was filtered out); no token can be drawn.")
     target = uniforms[:, None] * total
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.size(1) - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # the cdf before the block

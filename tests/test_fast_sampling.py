@@ -67,8 +67,9 @@ def test_inverse_cdf_draws_follow_the_distribution():
     # the edges: u = 0 draws the first token with mass, u just below 1 the last one
     edges = generation.inverse_cdf_sample(probs[:1].repeat(2, 1), torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64))
     assert edges.tolist() == [0, 5]
-    with pytest.raises(RuntimeError, match="inf or nan"):
-        generation.inverse_cdf_sample(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.3], dtype=torch.float64))
+    for invalid in ([0.5, float("nan")], [0.0, 0.0]):
+        with pytest.raises(RuntimeError, match="inf or nan, or sum to zero"):
+            generation.inverse_cdf_sample(torch.tensor([invalid]), torch.tensor([0.3], dtype=torch.float64))
 
 
 def test_inverse_cdf_over_blocks_is_the_whole_rows_inverse_cdf():

@@ -70,11 +70,16 @@ def build_model(path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
+def status_mb(field: str) -> float:
+    """A memory field of `/proc/self/status` (kB there) in MB."""
+    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
 def peak_mb() -> float:
     """The resident-set high-water mark of the process's memory (VmHWM), which `reset_peak` resets. Not `ru_maxrss`:
     that also keeps the high-water mark each exited thread saw (the loading threads'), so it never fell below the
     loading peak."""
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+    return status_mb("VmHWM")
 
 
 def reset_peak() -> None:
@@ -89,10 +94,6 @@ def release_freed_heap() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def current_rss_mb() -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
 def prompts_of_length(tokenizer, prompts: list[str], tokens: int) -> list[str]:
@@ -132,7 +133,7 @@ def run_one(args) -> dict:
     load_seconds = time.perf_counter() - start
     load_peak = peak_mb()
     release_freed_heap()
-    loaded_rss = current_rss_mb()
+    loaded_rss = status_mb("VmRSS")
     reset_peak()
 
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,

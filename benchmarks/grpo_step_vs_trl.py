@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 
-from harness import build_parent_model, contender, lengthened_prompts, print_comparison, report_child, run_alternating
+from harness import (build_parent_model, contender, lengthened_prompts, peak_rss_mb, print_comparison, report_child,
+                     run_alternating)
 
 REPORTED = ("completions_per_s", "generation_s_per_step", "training_s_per_step", "generation_share", "peak_rss_mb")
 CHILD_FLAGS = ("model", "algorithm", "steps", "warmup", "batch_size", "generations", "max_completion_length",
@@ -95,7 +95,7 @@ def run_one(args) -> dict:
         "generation_s_per_step": generating / args.steps,
         "training_s_per_step": (total - generating) / args.steps,
         "generation_share": generating / total,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

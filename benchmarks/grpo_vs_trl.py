@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 
-from harness import compare_with_trl, contender, print_comparison
+from harness import compare_with_trl, contender, peak_rss_mb, print_comparison
 
 
 def run_one(args) -> dict:
@@ -81,7 +80,7 @@ def run_one(args) -> dict:
         "generation_s": generating,
         "training_s": total - generating,
         "tokens_per_s": trained_tokens / (total - generating),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "tokens": trained_tokens,
         "head_tokens": sum(head for _, head in token_counts[args.warmup : args.warmup + args.steps]),
     }

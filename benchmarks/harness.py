@@ -15,6 +15,11 @@ import tempfile
 import time
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident set so far (`ru_maxrss`, kB) in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build_benchmark_model(path: str, vocab_size: int, hidden_size: int, layers: int) -> tuple[int, int]:
     """A randomly initialised Llama with the embedded tokenizer's special tokens, saved with it to `path`. Returns
     what `matmul_fraction` needs: the decoder's parameter count (all but the input embedding, a lookup, and the LM
@@ -145,7 +150,7 @@ def time_training(trainer, warmup: int, steps: int) -> dict:
     tokens = sum(count for count, _ in batch_counts[warmup : warmup + steps])
     return {
         "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "seconds": seconds,
         "tokens": tokens,
         "head_tokens": sum(head for _, head in batch_counts[warmup : warmup + steps]),

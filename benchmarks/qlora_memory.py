@@ -61,7 +61,7 @@ def build_model(path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPE, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+    config = LlamaConfig(**SHAPE, max_position_embeddings=32768, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

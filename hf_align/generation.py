@@ -298,6 +298,35 @@ def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.T
     same logits processors; the draw itself by `inverse_cdf_sample`), with less model work: identical prompts in
     the batch (a group's G copies) run through the model once and their KV cache is copied to each copy, and a row
     leaves the decode batch once it emitted a stop token. Finished rows are padded as `generate` pads them."""
+    with _head_as_vocab_major_product(lm):
+        return _decode(lm, input_ids, attention_mask, config)
+
+
+@contextmanager
+def _head_as_vocab_major_product(lm):
+    """Within the block, the LM head of `lm` computes its logits as `(W @ hᵀ)ᵀ` where it is a plain fp32
+    `nn.Linear` on a CPU (no bias, no hooks: not a peft, bitsandbytes, accelerate-offloaded or ZeRO-3 / FSDP2 module).
+    The same products as `F.linear`'s `h @ Wᵀ`, in another memory order: with a few decode rows against a
+    vocabulary-sized `W`, MKL computes this one faster (the figures are in docs/benchmarks.md). The logits come back
+    as a transposed view."""
+    head = lm.get_output_embeddings()
+    plain = (type(head) is torch.nn.Linear and head.bias is None and head.weight.device.type == "cpu"
+             and head.weight.dtype == torch.float32 and not head._forward_hooks and not head._forward_pre_hooks
+             and not hasattr(head, "_hf_hook"))
+    if not plain:
+        yield
+        return
+    # read at each call: a weight that is replaced (gathered, reloaded) while sampling is used as it is then
+    head.forward = lambda hidden: torch.mm(head.weight, hidden.reshape(-1, hidden.size(-1)).T).T.reshape(
+        *hidden.shape[:-1], -1)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _decode(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> list[torch.Tensor]:
+    """`_decode_sharing_prompts`'s loop."""
     from transformers import DynamicCache
 
     batch_size, width = input_ids.shape

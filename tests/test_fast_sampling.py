@@ -155,3 +155,25 @@ def test_sliding_window_model_and_static_cache_fall_back_to_generate(tiny_model,
     sampled = generate_completions(tiny_model, tiny_tokenizer, PROMPTS[:2],
                                    SamplingConfig(max_new_tokens=4, cache_implementation="static", seed=0))
     assert sampled.completion_ids.shape[0] == 2
+
+
+def test_head_product_gives_linears_logits_and_is_undone(tiny_model):
+    head = tiny_model.get_output_embeddings()
+    hidden = torch.randn(5, 1, head.in_features)
+    with generation._head_as_vocab_major_product(tiny_model):
+        assert "forward" in vars(head)
+        logits = head(hidden)
+    assert "forward" not in vars(head)
+    assert logits.shape == (5, 1, head.out_features)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, head.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_head_product_leaves_other_heads_alone(tiny_model):
+    hooked = tiny_model.get_output_embeddings()
+    handle = hooked.register_forward_hook(lambda *args: None)
+    with generation._head_as_vocab_major_product(tiny_model):
+        assert "forward" not in vars(hooked)
+    handle.remove()
+    lora_head = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["lm_head"]))
+    with generation._head_as_vocab_major_product(lora_head.get_base_model()):
+        assert "forward" not in vars(lora_head.get_base_model().get_output_embeddings())

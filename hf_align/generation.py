@@ -305,14 +305,15 @@ def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.T
 @contextmanager
 def _head_as_vocab_major_product(lm):
     """Within the block, the LM head of `lm` computes its logits as `(W @ hᵀ)ᵀ` where it is a plain fp32
-    `nn.Linear` on a CPU (no bias, no hooks: not a peft, bitsandbytes, accelerate-offloaded or ZeRO-3 / FSDP2 module).
+    `nn.Linear` on a CPU running `nn.Linear`'s own forward (no bias, no hooks, no forward of its own such as
+    `cast_lm_head_to_fp32`'s: not a peft, bitsandbytes, accelerate-offloaded or ZeRO-3 / FSDP2 module).
     The same products as `F.linear`'s `h @ Wᵀ`, in another memory order: with a few decode rows against a
     vocabulary-sized `W`, MKL computes this one faster (the figures are in docs/benchmarks.md). The logits come back
     as a transposed view."""
     head = lm.get_output_embeddings()
     plain = (type(head) is torch.nn.Linear and head.bias is None and head.weight.device.type == "cpu"
              and head.weight.dtype == torch.float32 and not head._forward_hooks and not head._forward_pre_hooks
-             and not hasattr(head, "_hf_hook"))
+             and not hasattr(head, "_hf_hook") and "forward" not in vars(head))
     if not plain:
         yield
         return

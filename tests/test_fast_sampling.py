@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from hf_align import generation
 from hf_align.generation import SamplingConfig, generate_completions
+from hf_align.trainers.grpo import cast_lm_head_to_fp32
 
 # Ragged lengths; the first prompt twice, so identical prompts arrive from different places of the batch too.
 PROMPTS = [
@@ -174,6 +175,11 @@ def test_head_product_leaves_other_heads_alone(tiny_model):
     with generation._head_as_vocab_major_product(tiny_model):
         assert "forward" not in vars(hooked)
     handle.remove()
+    cast_lm_head_to_fp32(tiny_model)  # a forward of its own, which sampling must keep
+    own_forward = vars(hooked)["forward"]
+    with generation._head_as_vocab_major_product(tiny_model):
+        assert vars(hooked)["forward"] is own_forward
+    assert vars(hooked)["forward"] is own_forward
     lora_head = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["lm_head"]))
     with generation._head_as_vocab_major_product(lora_head.get_base_model()):
         assert "forward" not in vars(lora_head.get_base_model().get_output_embeddings())

@@ -292,28 +292,18 @@ def _decode_loop_config(generator, config: GenerationConfig, device) -> Generati
     return config
 
 
-def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            config: GenerationConfig) -> list[torch.Tensor]:
-    """The generated tokens of each left-padded row, sampled from the distributions `generate` samples from (the
-    same logits processors; the draw itself by `inverse_cdf_sample`), with less model work: identical prompts in
-    the batch (a group's G copies) run through the model once and their KV cache is copied to each copy, and a row
-    leaves the decode batch once it emitted a stop token. Finished rows are padded as `generate` pads them."""
-    with _head_as_vocab_major_product(lm):
-        return _decode(lm, input_ids, attention_mask, config)
-
-
 @contextmanager
 def _head_as_vocab_major_product(lm):
     """Within the block, the LM head of `lm` computes its logits as `(W @ hᵀ)ᵀ` where it is a plain fp32
-    `nn.Linear` on a CPU running `nn.Linear`'s own forward (no bias, no hooks, no forward of its own such as
-    `cast_lm_head_to_fp32`'s: not a peft, bitsandbytes, accelerate-offloaded or ZeRO-3 / FSDP2 module).
-    The same products as `F.linear`'s `h @ Wᵀ`, in another memory order: with a few decode rows against a
-    vocabulary-sized `W`, MKL computes this one faster (the figures are in docs/benchmarks.md). The logits come back
-    as a transposed view."""
+    `nn.Linear` on a CPU running `nn.Linear`'s own forward: no bias, no hooks, no forward of its own (such as
+    `cast_lm_head_to_fp32`'s or an accelerate hook's); so not a peft, bitsandbytes, accelerate-offloaded or
+    ZeRO-3 / FSDP2 module. The same products as `F.linear`'s `h @ Wᵀ`, in another memory order: with a few decode
+    rows against a vocabulary-sized `W`, MKL computes this one faster (the figures are in docs/benchmarks.md). The
+    logits come back as a transposed view."""
     head = lm.get_output_embeddings()
     plain = (type(head) is torch.nn.Linear and head.bias is None and head.weight.device.type == "cpu"
              and head.weight.dtype == torch.float32 and not head._forward_hooks and not head._forward_pre_hooks
-             and not hasattr(head, "_hf_hook") and "forward" not in vars(head))
+             and "forward" not in vars(head))
     if not plain:
         yield
         return
@@ -326,44 +316,49 @@ def _head_as_vocab_major_product(lm):
         del head.forward
 
 
-def _decode(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> list[torch.Tensor]:
-    """`_decode_sharing_prompts`'s loop."""
+def _decode_sharing_prompts(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            config: GenerationConfig) -> list[torch.Tensor]:
+    """The generated tokens of each left-padded row, sampled from the distributions `generate` samples from (the
+    same logits processors; the draw itself by `inverse_cdf_sample`), with less model work: identical prompts in
+    the batch (a group's G copies) run through the model once and their KV cache is copied to each copy, and a row
+    leaves the decode batch once it emitted a stop token. Finished rows are padded as `generate` pads them."""
     from transformers import DynamicCache
 
-    batch_size, width = input_ids.shape
-    prompts, row_prompt = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
-    prompt_mask = prompts[:, width:]
-    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
-    # `generate` drops an all-ones mask (no padding) before the model sees it
-    mask = None if bool(attention_mask.all()) else attention_mask
-    cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
-    output = lm(input_ids=prompts[:, :width], attention_mask=None if mask is None else prompt_mask,
-                position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    logits = output.logits[:, -1].float()[row_prompt]
-    cache.batch_select_indices(row_prompt)
-    next_positions = positions[row_prompt, -1] + 1
-    processors = lm._get_logits_processor(generation_config=config, input_ids_seq_length=width,
-                                          encoder_input_ids=input_ids, device=input_ids.device)
-    sequences, running = input_ids, torch.arange(batch_size, device=input_ids.device)
-    for step in range(config.max_new_tokens):
-        tokens = _next_tokens(processors(sequences[running], logits), running, batch_size, config.do_sample)
-        column = config._pad_token_tensor.expand(batch_size).clone()
-        column[running] = tokens
-        sequences = torch.cat([sequences, column[:, None]], 1)
-        unfinished = ~torch.isin(tokens, config._eos_token_tensor)
-        if step + 1 == config.max_new_tokens or not unfinished.any():
-            break
-        if not unfinished.all():
-            running, tokens, next_positions = running[unfinished], tokens[unfinished], next_positions[unfinished]
-            cache.batch_select_indices(unfinished.nonzero().squeeze(1))
-            mask = None if mask is None else mask[unfinished]
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-        output = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions[:, None], cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        logits = output.logits[:, -1].float()
-        next_positions = next_positions + 1
-    return list(sequences[:, width:].cpu())
+    with _head_as_vocab_major_product(lm):
+        batch_size, width = input_ids.shape
+        prompts, row_prompt = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+        prompt_mask = prompts[:, width:]
+        positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+        # `generate` drops an all-ones mask (no padding) before the model sees it
+        mask = None if bool(attention_mask.all()) else attention_mask
+        cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+        output = lm(input_ids=prompts[:, :width], attention_mask=None if mask is None else prompt_mask,
+                    position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = output.logits[:, -1].float()[row_prompt]
+        cache.batch_select_indices(row_prompt)
+        next_positions = positions[row_prompt, -1] + 1
+        processors = lm._get_logits_processor(generation_config=config, input_ids_seq_length=width,
+                                              encoder_input_ids=input_ids, device=input_ids.device)
+        sequences, running = input_ids, torch.arange(batch_size, device=input_ids.device)
+        for step in range(config.max_new_tokens):
+            tokens = _next_tokens(processors(sequences[running], logits), running, batch_size, config.do_sample)
+            column = config._pad_token_tensor.expand(batch_size).clone()
+            column[running] = tokens
+            sequences = torch.cat([sequences, column[:, None]], 1)
+            unfinished = ~torch.isin(tokens, config._eos_token_tensor)
+            if step + 1 == config.max_new_tokens or not unfinished.any():
+                break
+            if not unfinished.all():
+                running, tokens, next_positions = running[unfinished], tokens[unfinished], next_positions[unfinished]
+                cache.batch_select_indices(unfinished.nonzero().squeeze(1))
+                mask = None if mask is None else mask[unfinished]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+            output = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions[:, None],
+                        cache=cache, use_cache=True, logits_to_keep=1)
+            logits = output.logits[:, -1].float()
+            next_positions = next_positions + 1
+        return list(sequences[:, width:].cpu())
 
 
 def _next_tokens(scores: torch.Tensor, running: torch.Tensor, batch_size: int, do_sample: bool) -> torch.Tensor:

@@ -169,6 +169,17 @@ def test_head_product_gives_linears_logits_and_is_undone(tiny_model):
     torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, head.weight), rtol=1e-5, atol=1e-5)
 
 
+def test_head_product_leaves_an_accelerate_hooked_head_alone(tiny_model):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    head = tiny_model.get_output_embeddings()
+    add_hook_to_module(head, ModelHook())  # as accelerate's offloading hooks a module
+    hook_forward = vars(head)["forward"]
+    with generation._head_as_vocab_major_product(tiny_model):
+        assert vars(head)["forward"] is hook_forward
+    assert vars(head)["forward"] is hook_forward
+
+
 def test_head_product_leaves_other_heads_alone(tiny_model):
     hooked = tiny_model.get_output_embeddings()
     handle = hooked.register_forward_hook(lambda *args: None)

@@ -225,8 +225,11 @@ RECIPES: dict[str, Recipe] = {
 
 def run_recipe(algorithm: str, argv: list[str] | None = None):
     """Trains `algorithm` (a key of `RECIPES`) with the command line `argv` (default: `sys.argv[1:]`); returns the
-    trained trainer (for a pipeline, its last stage's)."""
+    trained trainer (for a pipeline, its last stage's). The run is then over: a distributed run's process group is
+    destroyed (accelerate's `end_training`), since at interpreter exit gloo's threads can abort a finished run."""
     if algorithm not in RECIPES:
         raise KeyError(f"No recipe for {algorithm!r}; recipes: {', '.join(RECIPES)}")
     recipe = RECIPES[algorithm]
-    return recipe.runner(recipe, sys.argv[1:] if argv is None else list(argv))
+    trainer = recipe.runner(recipe, sys.argv[1:] if argv is None else list(argv))
+    trainer.accelerator.end_training()
+    return trainer

@@ -146,6 +146,8 @@ def main(argv: list[str]) -> None:
         deepspeed_zero.GatheredParameters = CountedGatheredParameters
     for name in names:
         run(name, model_path, seqcls_path, out_dir)
+    if torch.distributed.is_initialized():  # not at exit, where gloo's threads can abort (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def run(*args, **kwargs):
 scripts.run = run
 
 runpy.run_path(script, run_name="__main__")
+# The example's run ended its process group (`run_recipe`), not left to interpreter exit.
+with open(os.path.join(report_dir, f"rank{os.environ['RANK']}-exit.json"), "w") as f:
+    json.dump({"dist_initialized": dist.is_initialized()}, f)
 '''
 
 
@@ -307,6 +310,9 @@ def test_slow_ddp_two_processes_example_dpo_in_sync_with_gathered_metrics(tmp_pa
     assert ranks[0]["initial_hash"] == ranks[1]["initial_hash"]
     assert ranks[0]["final_hash"] != ranks[0]["initial_hash"]
     assert ranks[0]["final_hash"] == ranks[1]["final_hash"]
+    # Each rank's process group was ended by the run, before the interpreter's exit.
+    assert [json.loads((reports / f"rank{r}-exit.json").read_text()) for r in (0, 1)] == [
+        {"dist_initialized": False}] * 2
 
     # Each rank trained on its own shard of every batch (per_device_train_batch_size=8 from the example's defaults).
     local_by_rank = [r["local"] for r in ranks]

@@ -327,9 +327,18 @@ for trainer_class, config_class in ((ReinforceTrainer, ReinforceConfig), (Reinfo
 """
 
 
+# Without it, gloo's threads can abort a finished process at interpreter exit (pytorch/pytorch#190489).
+END_PROCESS_GROUP = """
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
 def launch_two_processes(script: str, tmp_path, *script_args) -> None:
-    """Runs `script` under `accelerate launch` with 2 CPU processes (DDP over gloo), tests/ importable."""
-    (tmp_path / "ddp.py").write_text(script)
+    """Runs `script` under `accelerate launch` with 2 CPU processes (DDP over gloo), tests/ importable, and ends
+    its process group before the processes exit."""
+    (tmp_path / "ddp.py").write_text(script + END_PROCESS_GROUP)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

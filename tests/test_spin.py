@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from hf_align import DataError, SFTConfig, SFTTrainer, SPINConfig, SPINTrainer
 from hf_align import generation
 from hf_align.generation import generate_completions
 from hf_align.logprobs import completion_logprobs
+from test_reinforce import launch_two_processes
 
 QUIET = dict(report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=100)
 
@@ -304,18 +301,7 @@ def test_slow_ddp_ranks_share_the_generation(tiny_model_path, tiny_tokenizer, em
     """Under 2-process DDP each rank samples its share of the prompts; both end with every response, in order."""
     rows = embedded_data("sft", 7).to_list()  # an odd count: the shares differ
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    (tmp_path / "spin_ddp.py").write_text(DDP_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    python_path = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": python_path}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(tmp_path / "spin_ddp.py"), tiny_model_path, str(tmp_path / "rows.json"), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-6000:]
+    launch_two_processes(DDP_SCRIPT, tmp_path, tiny_model_path, tmp_path / "rows.json", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["wrapper"] == "DistributedDataParallel" for r in ranks)
     expected = generate_completions(AutoModelForCausalLM.from_pretrained(tiny_model_path), tiny_tokenizer,
